@@ -1,0 +1,263 @@
+"""The one loader of ``feature_config.yaml``: YAML in, frozen typed records out.
+
+Every other module takes a :class:`FeatureConfig` (or one of its records); nothing
+else parses the file. Unknown keys are rejected with the list of allowed ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import yaml
+
+INPUT_KINDS = ("text", "categorical", "dense", "image")
+MODEL_TYPES = ("linear", "ffn", "wide_deep")
+GROUP_BY = ("predicted", "rule", "ground_truth")
+ENCODERS = ("efficientnet_lite0", "keras_resnet50")
+DERIVATIONS = ("brand_from_title",)
+
+
+class ConfigError(ValueError):
+    """The configuration file is malformed; the message names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextInput:
+    name: str
+    source: str
+    vocab_size: int = 10000
+    oov_buckets: int = 1
+    max_chars: int = 2000
+    kind: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalInput:
+    name: str
+    source: str
+    top_k: Optional[int] = None
+    oov_buckets: int = 1
+    embedding_dim: int = 8
+    derive: Optional[str] = None
+    kind: str = "categorical"
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseInput:
+    name: str
+    source: str
+    default: float = 0.0
+    kind: str = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    name: str
+    source: str
+    encoder: str = "efficientnet_lite0"
+    dim: int = 1280
+    weights_path: Optional[str] = None
+    fetch_timeout_s: float = 10.0
+    fetch_retries: int = 2
+    kind: str = "image"
+
+
+Input = Union[TextInput, CategoricalInput, DenseInput, ImageInput]
+_INPUT_CLASSES = {"text": TextInput, "categorical": CategoricalInput, "dense": DenseInput, "image": ImageInput}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeLabel:
+    name: str
+    source: str
+    top_k: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    tree_index: str
+    levels: int
+    rule_field: str
+    ground_truth_field: str
+    attributes: Tuple[AttributeLabel, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    salt: str = "prodcat"
+    test_percent: int = 10
+    eval_percent: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    type: str = "ffn"
+    hidden_units: Tuple[int, ...] = (256, 128)
+    dropout: float = 0.2
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 0.001
+    target_precision: float = 0.9
+    min_threshold: float = 0.3
+    blessing_metric: str = "ground_truth.hierarchical_f1"
+    train_only_labelled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbours:
+    k: int = 100
+    group_level: int = 2
+    group_by: str = "predicted"
+    brute_force_below: int = 5000
+    query_chunk: int = 4096
+    leaves_per_sqrt_n: float = 1.0
+    leaves_to_search_fraction: float = 0.1
+    reorder_k: int = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class Publish:
+    queue: str = "prodcat.updates"
+    dead_letter_queue: str = "prodcat.updates.dead"
+    batch_size: int = 500
+    workers: int = 2
+    consumer_bulk_size: int = 500
+    consumer_flush_s: float = 2.0
+    consumer_rate_limit_docs_per_s: float = 2000.0
+    consumer_prefetch: int = 1000
+    max_retries: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    version: int
+    inputs: Tuple[Input, ...]
+    labels: Labels
+    split: Split = Split()
+    model: Model = Model()
+    neighbours: Neighbours = Neighbours()
+    publish: Publish = Publish()
+
+    def inputs_of(self, kind: str) -> Tuple[Input, ...]:
+        return tuple(i for i in self.inputs if i.kind == kind)
+
+    @property
+    def image(self) -> Optional[ImageInput]:
+        images = self.inputs_of("image")
+        return images[0] if images else None  # type: ignore[return-value]
+
+    def replace_model(self, **changes: Any) -> "FeatureConfig":
+        """A copy with some model settings changed (e.g. a DAG run's model type)."""
+        model = _build(Model, {**dataclasses.asdict(self.model), **changes}, "model")
+        return dataclasses.replace(self, model=model)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if hint is int and not float(value).is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    return value
+
+
+def _build(cls: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], f"{where}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {name!r}")
+    return cls(**values)
+
+
+def _build_input(raw: Any, where: str) -> Input:
+    if not isinstance(raw, Mapping) or raw.get("kind") not in INPUT_KINDS:
+        raise ConfigError(f"{where}.kind: must be one of {list(INPUT_KINDS)}")
+    return _build(_INPUT_CLASSES[raw["kind"]], raw, where)
+
+
+def _validate(cfg: FeatureConfig) -> None:
+    names = [i.name for i in cfg.inputs] + [a.name for a in cfg.labels.attributes]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(f"names used twice (a field is an input or a label, never both): {duplicated}")
+    label_sources = {cfg.labels.rule_field, cfg.labels.ground_truth_field} | {a.source for a in cfg.labels.attributes}
+    clash = sorted(label_sources & {i.source for i in cfg.inputs})
+    if clash:
+        raise ConfigError(f"fields used as both input and label: {clash}")
+    if len(cfg.inputs_of("image")) > 1:
+        raise ConfigError("inputs: at most one image input is supported")
+    checks = [
+        (cfg.model.type in MODEL_TYPES, f"model.type: must be one of {list(MODEL_TYPES)}"),
+        (cfg.neighbours.group_by in GROUP_BY, f"neighbours.group_by: must be one of {list(GROUP_BY)}"),
+        (1 <= cfg.neighbours.group_level <= cfg.labels.levels, "neighbours.group_level: must be within labels.levels"),
+        (0 < cfg.split.test_percent < 100 and 0 < cfg.split.eval_percent < 100, "split: percents must be in (0, 100)"),
+        (0 < cfg.model.target_precision <= 1, "model.target_precision: must be in (0, 1]"),
+    ]
+    for inp in cfg.inputs:
+        if isinstance(inp, ImageInput):
+            checks.append((inp.encoder in ENCODERS, f"inputs.{inp.name}.encoder: must be one of {list(ENCODERS)}"))
+        if isinstance(inp, CategoricalInput) and inp.derive is not None:
+            checks.append((inp.derive in DERIVATIONS, f"inputs.{inp.name}.derive: must be one of {list(DERIVATIONS)}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_config(raw: Any) -> FeatureConfig:
+    """Builds and validates a :class:`FeatureConfig` from already-parsed YAML."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config: expected a mapping at the top level")
+    allowed = {f.name for f in dataclasses.fields(FeatureConfig)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if not raw.get("inputs"):
+        raise ConfigError("config.inputs: at least one input is required")
+    sections = {"labels": Labels, "split": Split, "model": Model, "neighbours": Neighbours, "publish": Publish}
+    if "labels" not in raw:
+        raise ConfigError("config: missing required key 'labels'")
+    cfg = FeatureConfig(
+        version=_coerce(raw.get("version", 1), int, "config.version"),
+        inputs=tuple(_build_input(r, f"inputs[{i}]") for i, r in enumerate(raw["inputs"])),
+        **{name: _build(cls, raw[name], name) for name, cls in sections.items() if name in raw},
+    )
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Union[str, Path]) -> FeatureConfig:
+    """Reads and validates the YAML file at ``path``."""
+    with open(path, encoding="utf-8") as f:
+        return parse_config(yaml.safe_load(f))

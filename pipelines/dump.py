@@ -1,0 +1,128 @@
+"""Dump products from Elasticsearch: point-in-time + ``search_after`` in parallel slices.
+
+Each slice streams pages into its own gzip JSON-lines file, so memory stays flat in the
+number of products. Files land in a temporary folder that replaces the stage folder
+only when every slice finished (see :func:`pipelines.storage.atomic_stage`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import json
+import logging
+from typing import Iterator, Optional, Sequence
+
+from elasticsearch import Elasticsearch
+
+from pipelines import storage
+from pipelines.taxonomy import CategoryTree
+
+log = logging.getLogger(__name__)
+
+PRODUCT_FIELDS = (
+    "id", "title", "gender", "base_colour", "season", "usage", "year",
+    "image_url", "true_category", "rule_categories",
+)
+
+
+def iter_slice(
+    es: Elasticsearch,
+    pit_id: str,
+    slice_id: int,
+    slices: int,
+    page_size: int,
+    query: dict,
+    fields: Sequence[str],
+    keep_alive: str = "5m",
+) -> Iterator[dict]:
+    """Every document of one PIT slice, page by page, sorted by ``_shard_doc``."""
+    search_after = None
+    while True:
+        body = {
+            "size": page_size,
+            "pit": {"id": pit_id, "keep_alive": keep_alive},
+            "sort": [{"_shard_doc": "asc"}],
+            "query": query,
+            "_source": list(fields),
+        }
+        if slices > 1:
+            body["slice"] = {"id": slice_id, "max": slices}
+        if search_after is not None:
+            body["search_after"] = search_after
+        hits = es.search(**body)["hits"]["hits"]
+        if not hits:
+            return
+        for hit in hits:
+            yield hit["_source"]
+        search_after = hits[-1]["sort"]
+
+
+def product_query(limit_categories: Optional[Sequence[str]] = None) -> dict:
+    if not limit_categories:
+        return {"match_all": {}}
+    return {"bool": {"should": [{"prefix": {"true_category": c}} for c in limit_categories] +
+                     [{"terms": {"rule_categories": list(limit_categories)}}]}}
+
+
+def dump_products(
+    es: Elasticsearch,
+    products_index: str,
+    categories_index: str,
+    out_dir: str,
+    slices: int = 2,
+    page_size: int = 1000,
+    limit: Optional[int] = None,
+    query: Optional[dict] = None,
+) -> dict:
+    """Writes ``products-SSSSS.jsonl.gz`` per slice and ``categories.json``; returns counts.
+
+    ``limit`` caps the number of products (taken as evenly as slices allow), for trial runs.
+    """
+    query = query or {"match_all": {}}
+    per_slice = None if limit is None else -(-limit // slices)
+    pit = es.open_point_in_time(index=products_index, keep_alive="5m")["id"]
+    try:
+        with storage.atomic_stage(out_dir) as tmp:
+            def write_slice(slice_id: int) -> int:
+                path = storage.join(tmp, f"products-{slice_id:05d}-of-{slices:05d}.jsonl.gz")
+                n = 0
+                with storage.open_write(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+                    for doc in iter_slice(es, pit, slice_id, slices, page_size, query, PRODUCT_FIELDS):
+                        if per_slice is not None and n >= per_slice:
+                            break
+                        out.write(json.dumps(doc, sort_keys=True).encode("utf-8") + b"\n")
+                        n += 1
+                return n
+
+            with concurrent.futures.ThreadPoolExecutor(max_workers=slices) as pool:
+                counts = list(pool.map(write_slice, range(slices)))
+            tree = dump_tree(es, categories_index)
+            storage.write_json(storage.join(tmp, "categories.json"), tree.to_records())
+            summary = {"products": sum(counts), "categories": len(tree), "slices": slices}
+            storage.write_json(storage.join(tmp, "summary.json"), summary)
+    finally:
+        es.close_point_in_time(id=pit)
+    log.info("dumped %s into %s", summary, out_dir)
+    return summary
+
+
+def dump_tree(es: Elasticsearch, categories_index: str) -> CategoryTree:
+    pit = es.open_point_in_time(index=categories_index, keep_alive="1m")["id"]
+    try:
+        records = list(iter_slice(es, pit, 0, 1, 1000, {"match_all": {}}, ("id", "name", "parent", "level")))
+    finally:
+        es.close_point_in_time(id=pit)
+    return CategoryTree.from_records(records)
+
+
+def read_products(dump_dir: str) -> Iterator[dict]:
+    """Streams the products of a finished dump folder."""
+    storage.require_complete(dump_dir)
+    for path in storage.list_files(dump_dir, "products-*.jsonl.gz"):
+        with storage.open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def read_tree(dump_dir: str) -> CategoryTree:
+    return CategoryTree.from_records(storage.read_json(storage.join(dump_dir, "categories.json")))

