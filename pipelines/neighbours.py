@@ -1,0 +1,207 @@
+"""Top-k visual neighbours of each product within its second-level category (ScaNN, cosine).
+
+A Beam pipeline joins the clean rows (embeddings) with each product's group (its predicted,
+rule or true category at ``group_level``), groups by category and searches each group:
+exact (ScaNN brute force) below ``brute_force_below`` products, partitioned + quantised +
+reordered above it, queries in chunks. Products without a usable embedding get no
+neighbours and are never anyone's neighbour.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import storage
+from pipelines.config import Neighbours
+from pipelines.taxonomy import CategoryTree
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "prodcat.neighbours"
+
+
+def normalise(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Unit rows and a mask of rows that could be normalised (finite, non-zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    ok = np.isfinite(norms) & (norms > 1e-12)
+    out = np.zeros_like(vectors)
+    out[ok] = vectors[ok] / norms[ok, None]
+    return out, ok
+
+
+def build_searcher(vectors: np.ndarray, k: int, settings: Neighbours) -> Any:
+    """A ScaNN searcher over unit ``vectors`` (dot product = cosine), settings from the group size."""
+    from pipelines.scann_search import scann_ops_pybind
+
+    n = len(vectors)
+    builder = scann_ops_pybind.builder(vectors, k, "dot_product")
+    if n < settings.brute_force_below:
+        return builder.score_brute_force().build()
+    leaves = max(2, int(round(math.sqrt(n) * settings.leaves_per_sqrt_n)))
+    to_search = max(1, int(math.ceil(leaves * settings.leaves_to_search_fraction)))
+    return (
+        builder.tree(num_leaves=leaves, num_leaves_to_search=to_search, training_sample_size=min(n, 250_000))
+        .score_ah(2, anisotropic_quantization_threshold=0.2)
+        .reorder(max(settings.reorder_k, k))
+        .build()
+    )
+
+
+def search_group(
+    ids: Sequence[str], vectors: np.ndarray, settings: Neighbours, searcher_dir: Optional[str] = None
+) -> Iterator[Tuple[str, List[Tuple[str, float]]]]:
+    """Each product's top-k neighbours (itself excluded) among ``ids``; chunked queries."""
+    unit, ok = normalise(vectors)
+    keep = np.flatnonzero(ok)
+    ids = [ids[i] for i in keep]
+    unit = unit[keep]
+    if len(ids) < 2:
+        for pid in ids:
+            yield pid, []
+        return
+    k = min(settings.k, len(ids) - 1)
+    searcher = build_searcher(unit, k + 1, settings)
+    if searcher_dir is not None:
+        searcher.serialize(searcher_dir)
+    for start in range(0, len(ids), settings.query_chunk):
+        found, scores = searcher.search_batched(unit[start : start + settings.query_chunk], final_num_neighbors=k + 1)
+        for row, (idx, sc) in enumerate(zip(found, scores)):
+            me = start + row
+            pairs = [(ids[j], round(float(s), 5)) for j, s in zip(idx, sc) if int(j) != me][:k]
+            yield ids[me], pairs
+
+
+def group_of(prediction: Optional[dict], row: dict, tree: CategoryTree, settings: Neighbours, ground_truth_field: str) -> Optional[str]:
+    """The category at ``group_level`` a product is grouped by, per ``settings.group_by``."""
+    level = settings.group_level
+    candidates: List[str] = []
+    if settings.group_by == "predicted" and prediction is not None:
+        entries = sorted(prediction["categories"], key=lambda e: -e["score"])
+        candidates = [e["id"] for e in entries if e["level"] == level] + tree.at_level(prediction.get("path", []), level)
+    if not candidates and settings.group_by in ("predicted", "rule"):
+        candidates = tree.at_level(row.get("rule_categories") or [], level)
+    if not candidates and settings.group_by == "ground_truth":
+        truth = row.get(ground_truth_field)
+        if truth in tree:
+            candidates = tree.at_level(tree.closure([truth]), level)
+    return candidates[0] if candidates else None
+
+
+class AssignGroup(beam.DoFn):
+    """(id, {rows, predictions}) -> (group, (id, embedding)); products without a group or image are counted."""
+
+    def __init__(self, tree_records: List[dict], settings: Neighbours, ground_truth_field: str):
+        self._tree_records = tree_records
+        self._settings = settings
+        self._truth = ground_truth_field
+
+    def setup(self) -> None:
+        self._tree = CategoryTree.from_records(self._tree_records)
+
+    def process(self, element: Tuple[str, Dict[str, list]]) -> Iterator[Tuple[str, Tuple[str, list]]]:
+        pid, joined = element
+        if not joined["rows"]:
+            return
+        row = joined["rows"][0]
+        if not row.get("has_image") or row.get("image_embedding") is None:
+            Metrics.counter(NAMESPACE, "skipped_no_embedding").inc()
+            return
+        group = group_of(joined["predictions"][0] if joined["predictions"] else None, row, self._tree, self._settings, self._truth)
+        if group is None:
+            Metrics.counter(NAMESPACE, "skipped_no_group").inc()
+            return
+        yield group, (pid, row["image_embedding"])
+
+
+class SearchGroup(beam.DoFn):
+    """(group, [(id, embedding)]) -> neighbour records; the group's searcher is saved beside them."""
+
+    def __init__(self, settings: Neighbours, searchers_dir: Optional[str]):
+        self._settings = settings
+        self._searchers_dir = searchers_dir
+
+    def process(self, element: Tuple[str, Iterable[Tuple[str, list]]]) -> Iterator[dict]:
+        group, members = element
+        members = sorted(members)
+        ids = [m[0] for m in members]
+        vectors = np.asarray([m[1] for m in members], dtype=np.float32)
+        target = None
+        if self._searchers_dir is not None and not storage.is_remote(self._searchers_dir):
+            target = os.path.join(self._searchers_dir, hashlib.sha256(group.encode()).hexdigest()[:16])
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, "group.json"), "w", encoding="utf-8") as f:
+                json.dump({"group": group, "ids": ids}, f)
+        Metrics.counter(NAMESPACE, "groups").inc()
+        for pid, pairs in search_group(ids, vectors, self._settings, target):
+            Metrics.counter(NAMESPACE, "products_with_neighbours").inc()
+            yield {"id": pid, "group": group, "neighbours": [{"id": n, "score": s} for n, s in pairs]}
+
+
+def compute_neighbours(
+    settings: Neighbours,
+    ground_truth_field: str,
+    preprocess_dir: str,
+    predict_dir: Optional[str],
+    out_dir: str,
+    beam_args: Optional[Sequence[str]] = None,
+) -> dict:
+    """Runs the neighbours pipeline; writes ``neighbours-*.jsonl.gz`` and per-group searchers."""
+    storage.require_complete(preprocess_dir)
+    tree = CategoryTree.from_records(storage.read_json(storage.join(preprocess_dir, "categories.json")))
+    columns = ["id", "has_image", "image_embedding", "rule_categories", ground_truth_field]
+    with storage.atomic_stage(out_dir) as tmp:
+        with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as p:
+            rows = (
+                p
+                | "ReadCleanRows" >> beam.io.ReadFromParquet(storage.join(preprocess_dir, "clean", "*.parquet"), columns=columns)
+                | "KeyRowsById" >> beam.Map(lambda r: (r["id"], r))
+            )
+            joined = {"rows": rows}
+            if predict_dir is not None:
+                from trainer.predict import PREDICTIONS_FILE
+
+                storage.require_complete(predict_dir)
+                joined["predictions"] = (
+                    p
+                    | "ReadPredictions" >> beam.io.ReadFromText(storage.join(predict_dir, PREDICTIONS_FILE))
+                    | "ParsePredictions" >> beam.Map(json.loads)
+                    | "KeyPredictionsById" >> beam.Map(lambda r: (r["id"], r))
+                )
+            else:
+                joined["predictions"] = p | "NoPredictions" >> beam.Create([])
+            _ = (
+                joined
+                | "JoinById" >> beam.CoGroupByKey()
+                | "AssignGroups" >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field))
+                | "GroupByCategory" >> beam.GroupByKey()
+                | "SearchGroups" >> beam.ParDo(SearchGroup(settings, storage.join(tmp, "searchers")))
+                | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+                | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
+            )
+        counters = {
+            r.key.metric.name: r.committed
+            for r in p.result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
+        }
+        summary = {"counters": dict(sorted(counters.items())), "k": settings.k, "group_level": settings.group_level}
+        storage.write_json(storage.join(tmp, "summary.json"), summary)
+    log.info("neighbours: %s", summary)
+    return summary
+
+
+def read_neighbours(neighbours_dir: str) -> Iterator[dict]:
+    storage.require_complete(neighbours_dir)
+    for path in storage.list_files(neighbours_dir, "neighbours-*.jsonl.gz"):
+        with storage.open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            for line in f:
+                yield json.loads(line)

@@ -1,0 +1,136 @@
+"""Multi-label category models over the transformed features, plus attribute heads.
+
+All models end in one sigmoid per category (binary cross-entropy averaged over the
+classes whose label is known) and one softmax group per attribute (loss counted only
+where the attribute is present). Built with ``tf.keras`` (tf_keras once TFT is imported),
+so the model sits next to TFT's ``transform_features_layer()`` in the exported graph.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+import tensorflow as tf
+
+from pipelines import features
+from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+
+CATEGORIES = "categories"
+
+
+class SparseLinear(tf.keras.layers.Layer):
+    """``weights . W`` for a sparse (ids, weights) bag such as TF-IDF, without densifying it."""
+
+    def __init__(self, vocab_size: int, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.units = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel", shape=(self.vocab_size, self.units), initializer="glorot_uniform", trainable=True
+        )
+
+    def call(self, inputs):
+        ids, weights = inputs
+        ids = tf.sparse.SparseTensor(ids.indices, tf.clip_by_value(ids.values, 0, self.vocab_size - 1), ids.dense_shape)
+        out = tf.nn.safe_embedding_lookup_sparse(self.kernel, ids, weights, combiner="sum")
+        return tf.reshape(out, [-1, self.units])
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "units": self.units}
+
+
+def masked_binary_crossentropy(y_true_and_mask: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """BCE averaged over the known classes. ``y_true_and_mask`` is ``[labels | mask]``."""
+    labels, mask = tf.split(y_true_and_mask, 2, axis=-1)
+    y_pred = tf.clip_by_value(y_pred, 1e-7, 1 - 1e-7)
+    bce = -(labels * tf.math.log(y_pred) + (1 - labels) * tf.math.log(1 - y_pred))
+    return tf.reduce_sum(bce * mask, axis=-1) / tf.maximum(tf.reduce_sum(mask, axis=-1), 1.0)
+
+
+def masked_sparse_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Softmax cross-entropy counted only where the label is present (label >= 0)."""
+    y_true = tf.reshape(tf.cast(y_true, tf.int64), [-1])
+    present = tf.cast(y_true >= 0, y_pred.dtype)
+    ce = tf.keras.losses.sparse_categorical_crossentropy(tf.maximum(y_true, 0), y_pred)
+    return ce * present
+
+
+def model_inputs(cfg: FeatureConfig) -> Dict[str, tf.keras.Input]:
+    inputs: Dict[str, tf.keras.Input] = {}
+    for inp in cfg.inputs:
+        if isinstance(inp, TextInput):
+            inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(None,), sparse=True, dtype=tf.int64, name=features.ids_key(inp.name))
+            inputs[features.weights_key(inp.name)] = tf.keras.Input(shape=(None,), sparse=True, dtype=tf.float32, name=features.weights_key(inp.name))
+        elif isinstance(inp, CategoricalInput):
+            inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.ids_key(inp.name))
+        elif isinstance(inp, DenseInput):
+            inputs[inp.name] = tf.keras.Input(shape=(), dtype=tf.float32, name=inp.name)
+        elif isinstance(inp, ImageInput):
+            inputs[inp.name] = tf.keras.Input(shape=(inp.dim,), dtype=tf.float32, name=inp.name)
+            inputs[features.HAS_IMAGE] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.HAS_IMAGE)
+    return inputs
+
+
+def _feature_blocks(cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int):
+    """One tensor per input: a learned projection (``width`` wide when ``linear``)."""
+    blocks = []
+    for inp in cfg.inputs:
+        if isinstance(inp, TextInput):
+            size = inp.vocab_size + inp.oov_buckets
+            blocks.append(SparseLinear(size, width if linear else text_units, name=f"{inp.name}_tfidf")(
+                [inputs[features.ids_key(inp.name)], inputs[features.weights_key(inp.name)]]))
+        elif isinstance(inp, CategoricalInput):
+            size = vocab_sizes[inp.name] + inp.oov_buckets
+            dim = width if linear else inp.embedding_dim
+            blocks.append(tf.keras.layers.Embedding(size, dim, name=f"{inp.name}_embedding")(inputs[features.ids_key(inp.name)]))
+        elif isinstance(inp, DenseInput):
+            blocks.append(tf.keras.layers.Reshape((1,))(inputs[inp.name]))
+        elif isinstance(inp, ImageInput):
+            has_image = tf.keras.layers.Reshape((1,))(tf.cast(inputs[features.HAS_IMAGE], tf.float32))
+            image = inputs[inp.name]
+            if not linear:
+                image = tf.keras.layers.LayerNormalization(name=f"{inp.name}_norm")(image)
+            blocks.append(image)
+            blocks.append(has_image)
+    return blocks
+
+
+def build_model(
+    cfg: FeatureConfig,
+    num_categories: int,
+    vocab_sizes: Mapping[str, int],
+    attribute_sizes: Mapping[str, int],
+) -> tf.keras.Model:
+    """The model named by ``cfg.model.type``: ``linear``, ``ffn`` or ``wide_deep``.
+
+    ``vocab_sizes``: categorical input name -> vocabulary size (without OOV buckets);
+    ``attribute_sizes``: attribute name -> number of classes.
+    """
+    m = cfg.model
+    inputs = model_inputs(cfg)
+    outputs: Dict[str, tf.Tensor] = {}
+    logits = []
+    hidden = None
+    if m.type in ("linear", "wide_deep"):
+        wide = _feature_blocks(cfg, inputs, vocab_sizes, 0, linear=True, width=num_categories)
+        wide = [b if b.shape[-1] == num_categories else tf.keras.layers.Dense(num_categories, use_bias=False)(b) for b in wide]
+        logits.append(tf.keras.layers.Add(name="wide_logits")(wide) if len(wide) > 1 else wide[0])
+        hidden = tf.keras.layers.Concatenate(name="wide_features")(wide) if m.type == "linear" else None
+    if m.type in ("ffn", "wide_deep"):
+        deep = tf.keras.layers.Concatenate(name="deep_features")(
+            _feature_blocks(cfg, inputs, vocab_sizes, text_units=m.hidden_units[0], linear=False, width=0)
+        )
+        for i, units in enumerate(m.hidden_units):
+            deep = tf.keras.layers.Dense(units, activation="relu", name=f"hidden_{i}")(deep)
+            deep = tf.keras.layers.Dropout(m.dropout)(deep)
+        logits.append(tf.keras.layers.Dense(num_categories, name="deep_logits")(deep))
+        hidden = deep
+    total = tf.keras.layers.Add()(logits) if len(logits) > 1 else logits[0]
+    outputs[CATEGORIES] = tf.keras.layers.Activation("sigmoid", name=CATEGORIES)(total)
+    for attr in cfg.labels.attributes:
+        outputs[attr.name] = tf.keras.layers.Dense(attribute_sizes[attr.name], activation="softmax", name=attr.name)(hidden)
+    model = tf.keras.Model(inputs=inputs, outputs=outputs)
+    losses = {CATEGORIES: masked_binary_crossentropy, **{a.name: masked_sparse_crossentropy for a in cfg.labels.attributes}}
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=m.learning_rate), loss=losses)
+    return model
