@@ -99,7 +99,10 @@ def group_of(prediction: Optional[dict], row: dict, tree: CategoryTree, settings
 
 
 class AssignGroup(beam.DoFn):
-    """(id, {rows, predictions}) -> (group, (id, embedding)); products without a group or image are counted."""
+    """(id, {rows, predictions}) -> (group, (id, embedding)), or an empty neighbour record
+    (``alone`` output) for a product without a usable embedding or group."""
+
+    ALONE = "alone"
 
     def __init__(self, tree_records: List[dict], settings: Neighbours, ground_truth_field: str):
         self._tree_records = tree_records
@@ -114,12 +117,10 @@ class AssignGroup(beam.DoFn):
         if not joined["rows"]:
             return
         row = joined["rows"][0]
-        if not row.get("has_image") or row.get("image_embedding") is None:
-            Metrics.counter(NAMESPACE, "skipped_no_embedding").inc()
-            return
         group = group_of(joined["predictions"][0] if joined["predictions"] else None, row, self._tree, self._settings, self._truth)
-        if group is None:
-            Metrics.counter(NAMESPACE, "skipped_no_group").inc()
+        if not row.get("has_image") or row.get("image_embedding") is None or group is None:
+            Metrics.counter(NAMESPACE, "no_neighbours_no_embedding" if group else "no_neighbours_no_group").inc()
+            yield beam.pvalue.TaggedOutput(self.ALONE, {"id": pid, "group": group, "neighbours": []})
             return
         yield group, (pid, row["image_embedding"])
 
@@ -180,12 +181,21 @@ def compute_neighbours(
                 )
             else:
                 joined["predictions"] = p | "NoPredictions" >> beam.Create([])
-            _ = (
+            assigned = (
                 joined
                 | "JoinById" >> beam.CoGroupByKey()
-                | "AssignGroups" >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field))
+                | "AssignGroups" >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field)).with_outputs(
+                    AssignGroup.ALONE, main="grouped"
+                )
+            )
+            searched = (
+                assigned.grouped
                 | "GroupByCategory" >> beam.GroupByKey()
                 | "SearchGroups" >> beam.ParDo(SearchGroup(settings, storage.join(tmp, "searchers")))
+            )
+            _ = (
+                (searched, assigned[AssignGroup.ALONE])
+                | "MergeNeighbourRecords" >> beam.Flatten()
                 | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
                 | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
             )

@@ -37,6 +37,8 @@ PRODUCT_MAPPINGS = {
         "model_version": {"type": "keyword"},
         "prediction_version": {"type": "long"},
         "prodcat_run_id": {"type": "keyword"},
+        "neighbours_version": {"type": "long"},
+        "neighbours_run_id": {"type": "keyword"},
     },
 }
 

@@ -1,0 +1,110 @@
+"""
+### prodcat: categorise the catalogue
+
+Dumps products from Elasticsearch, preprocesses them with Beam + TF Transform, trains a
+multi-label model on the rule labels, evaluates it against rule labels and ground truth
+(blessing gate), predicts every product, finds visual neighbours per second-level category
+with ScaNN, publishes the updates to RabbitMQ and waits until the consumer has written
+them back to Elasticsearch.
+
+Each task writes only into its run's folder (`<data_root>/runs/<run_id>/<stage>`) and can
+be cleared and rerun alone. Connections: `prodcat_elasticsearch`, `prodcat_rabbitmq`
+(local defaults where missing); variable `prodcat_data_root`.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
+PREDICTIONS = Asset("prodcat://predictions")
+
+PARAMS = {
+    "model_type": Param("ffn", type="string", enum=["linear", "ffn", "wide_deep"], description="Model family to train."),
+    "limit": Param(None, type=["null", "integer"], minimum=1, description="Dump at most this many products (trial runs)."),
+    "categories": Param([], type="array", items={"type": "string"}, description="Only products under these category ids."),
+    "force_publish": Param(False, type="boolean", description="Publish even if the model fails the blessing gate."),
+    "beam_runner": Param(
+        "DirectRunner", type="string", enum=["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
+        description="Beam runner for preprocessing and neighbours.",
+    ),
+    "beam_options": Param([], type="array", items={"type": "string"}, description="Extra Beam flags, e.g. --project=..."),
+    "data_root": Param(None, type=["null", "string"], description="Run folders root (local path or gs://); default: variable prodcat_data_root."),
+}
+
+
+@dag(
+    dag_id="prodcat_categorise",
+    schedule="@weekly",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["prodcat", "ml"],
+    params=PARAMS,
+    doc_md=__doc__,
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(hours=6),
+    },
+)
+def prodcat_categorise():
+    @task
+    def dump() -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("dump", CONFIG_PATH)
+
+    @task
+    def preprocess(dump_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("preprocess", CONFIG_PATH, dump_dir)
+
+    @task
+    def train(preprocess_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("train", CONFIG_PATH, preprocess_dir)
+
+    @task
+    def evaluate(model_dir: str, preprocess_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("evaluate", CONFIG_PATH, model_dir, preprocess_dir)
+
+    @task(outlets=[PREDICTIONS])
+    def predict(evaluation_dir: str, preprocess_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("predict", CONFIG_PATH, evaluation_dir, preprocess_dir)
+
+    @task
+    def neighbours(preprocess_dir: str, predict_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("neighbours", CONFIG_PATH, preprocess_dir, predict_dir)
+
+    @task
+    def publish(predict_dir: str, neighbours_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("publish", CONFIG_PATH, predict_dir, neighbours_dir)
+
+    @task(execution_timeout=timedelta(hours=2))
+    def wait_indexed(publish_dir: str) -> dict:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("wait_indexed", CONFIG_PATH, publish_dir)
+
+    preprocessed = preprocess(dump())
+    evaluated = evaluate(train(preprocessed), preprocessed)
+    predicted = predict(evaluated, preprocessed)
+    wait_indexed(publish(predicted, neighbours(preprocessed, predicted)))
+
+
+prodcat_categorise()
