@@ -151,7 +151,9 @@ class FeatureConfig:
     def replace_model(self, **changes: Any) -> "FeatureConfig":
         """A copy with some model settings changed (e.g. a DAG run's model type)."""
         model = _build(Model, {**dataclasses.asdict(self.model), **changes}, "model")
-        return dataclasses.replace(self, model=model)
+        cfg = dataclasses.replace(self, model=model)
+        _validate(cfg)
+        return cfg
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

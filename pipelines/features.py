@@ -118,7 +118,7 @@ def make_preprocessing_fn(cfg: FeatureConfig) -> Callable[[Dict[str, tf.Tensor]]
                 vocab_filename=attribute_key(attr.name),
             )
             dense = tf.sparse.to_dense(ids, default_value=-1)
-            missing = -tf.ones_like(dense[:, :1])
+            missing = -tf.ones([tf.shape(dense)[0], 1], dtype=dense.dtype)
             out[attribute_key(attr.name)] = tf.concat([dense, missing], axis=1)[:, 0]
         return out
 

@@ -1,0 +1,66 @@
+import copy
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, FeatureConfig, ImageInput, TextInput, load_config, parse_config
+
+from conftest import REPO
+
+
+@pytest.fixture
+def raw():
+    with open(REPO / "feature_config.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_repo_config_loads_into_frozen_typed_records():
+    cfg = load_config(REPO / "feature_config.yaml")
+    assert isinstance(cfg, FeatureConfig)
+    assert [i.name for i in cfg.inputs] == ["title", "brand", "gender", "image"]
+    assert isinstance(cfg.inputs[0], TextInput) and isinstance(cfg.image, ImageInput)
+    assert cfg.model.hidden_units == (256, 128)
+    with pytest.raises(AttributeError):
+        cfg.model.type = "linear"
+
+
+def test_unknown_key_names_the_allowed_ones(raw):
+    raw["inputs"][0]["vocab_sise"] = 10
+    with pytest.raises(ConfigError, match=r"inputs\[0\]: unknown key\(s\) \['vocab_sise'\]; allowed: .*'vocab_size'"):
+        parse_config(raw)
+
+
+def test_unknown_top_level_section_rejected(raw):
+    raw["trainer"] = {}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trainer'\]; allowed: \['inputs', 'labels'"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["model"].update(type="xgboost"), "model.type: must be one of"),
+        (lambda r: r["inputs"][0].update(kind="audio"), r"inputs\[0\].kind: must be one of"),
+        (lambda r: r["inputs"][0].update(vocab_size="many"), r"inputs\[0\].vocab_size: expected a number"),
+        (lambda r: r["labels"]["attributes"][0].update(source="gender"), "both input and label"),
+        (lambda r: r["labels"]["attributes"][0].update(name="title"), "names used twice"),
+        (lambda r: r["inputs"][3].update(encoder="vgg"), "encoder: must be one of"),
+    ],
+)
+def test_invalid_values_rejected_with_the_key(raw, mutate, message):
+    raw = copy.deepcopy(raw)
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_dropping_an_input_needs_no_code_change(raw):
+    raw["inputs"] = [i for i in raw["inputs"] if i["name"] != "brand"]
+    assert [i.name for i in parse_config(raw).inputs] == ["title", "gender", "image"]
+
+
+def test_replace_model_validates(raw):
+    cfg = parse_config(raw)
+    assert cfg.replace_model(type="linear").model.type == "linear"
+    with pytest.raises(ConfigError, match="epochs: expected a number"):
+        cfg.replace_model(epochs="x")
