@@ -1,0 +1,153 @@
+"""Validation DoFn with TestPipeline, and whole preprocessing runs on bad input and reruns."""
+import dataclasses
+import glob
+import gzip
+import http.server
+import json
+import threading
+import time
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines import storage
+from pipelines.config import load_config
+from pipelines.preprocess import DEAD, ValidateProduct, label_vectors, preprocess, split_of
+from pipelines.taxonomy import CategoryTree
+
+from conftest import REPO
+
+TREE = CategoryTree.from_paths([("Apparel", "Topwear", "Tshirts"), ("Apparel", "Topwear", "Shirts"), ("Footwear", "Shoes", "Heels")])
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    base = load_config(REPO / "feature_config.yaml")
+    image = dataclasses.replace(base.image, fetch_timeout_s=1.0, fetch_retries=0)
+    return dataclasses.replace(base, inputs=tuple(image if i.kind == "image" else i for i in base.inputs))
+
+
+def doc(pid, title="Puma Men Blue Tshirt", **extra):
+    return {"id": pid, "title": title, "gender": "Men", "base_colour": "Blue", "season": "Summer", "usage": "Casual",
+            "image_url": None, "true_category": "Apparel > Topwear > Tshirts", "rule_categories": [], **extra}
+
+
+BAD_LINES = [
+    (b"{not json", "invalid_json"),
+    (b"\xff\xfe\x00bad bytes", "invalid_utf8"),
+    (json.dumps(doc("1", title="")).encode(), "missing_title"),
+    (json.dumps(doc("2", title=None)).encode(), "missing_title"),
+    (json.dumps(doc("3", title=12345)).encode(), "wrong_type_title"),
+    (json.dumps(doc("4", gender=7)).encode(), "wrong_type_gender"),
+    (json.dumps({"title": "no id"}).encode(), "missing_id"),
+    (b"[1, 2]", "not_an_object"),
+]
+
+
+def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
+    good = json.dumps(doc("10", rule_categories=["Apparel > Topwear > Tshirts", "Not > A > Category"])).encode()
+    huge = json.dumps(doc("11", title="x" * 1_000_000)).encode()
+    with TestPipeline() as p:
+        out = (p | beam.Create([good, huge] + [line for line, _ in BAD_LINES])
+               | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid"))
+        assert_that(out[DEAD] | "Reasons" >> beam.Map(lambda d: d["reason"]), equal_to([r for _, r in BAD_LINES]), label="dead")
+        assert_that(
+            out.valid | "Summaries" >> beam.Map(lambda r: (r["id"], len(r["title"]), tuple(r["rule_categories"]))),
+            equal_to([("10", 20, ("Apparel", "Apparel > Topwear", "Apparel > Topwear > Tshirts")), ("11", 2000, ())]),
+            label="valid",
+        )
+    counters = {r.key.metric.name: r.committed for r in p.result.metrics().query()["counters"]}
+    assert counters["dropped_rule_label_not_in_tree"] == 1
+    assert counters["degraded_text_truncated"] == 1
+    assert counters["rejected_invalid_json"] == 1
+
+
+def test_labels_add_ancestors_and_mask_unknown_specificity():
+    labels, mask = label_vectors(TREE, ["Apparel > Topwear"])
+    on = {TREE.ids[i] for i, v in enumerate(labels) if v}
+    assert on == {"Apparel", "Apparel > Topwear"}
+    masked = {TREE.ids[i] for i, v in enumerate(mask) if not v}
+    assert masked == {"Apparel > Topwear > Tshirts", "Apparel > Topwear > Shirts"}
+
+
+def test_split_is_deterministic_and_roughly_90_10():
+    splits = [split_of(str(i), "s", 10, 10) for i in range(20000)]
+    assert splits == [split_of(str(i), "s", 10, 10) for i in range(20000)]
+    assert abs(splits.count("test") / 20000 - 0.10) < 0.01
+    assert abs(splits.count("eval") / 20000 - 0.09) < 0.01
+
+
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(3)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def hanging_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.jpg"
+    server.shutdown()
+
+
+def write_dump(path, lines, tree):
+    with storage.atomic_stage(str(path)) as tmp:
+        with gzip.open(f"{tmp}/products-00000-of-00001.jsonl.gz", "wb") as f:
+            f.write(b"\n".join(lines) + b"\n")
+        storage.write_json(f"{tmp}/categories.json", tree.to_records())
+
+
+def read_transformed(folder):
+    files = sorted(glob.glob(f"{folder}/transformed/*.tfrecord.gz"))
+    return {bytes(r.numpy()) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")}
+
+
+def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_path, image_server, hanging_url, fashion_slice):
+    tree = CategoryTree.load_json(str(REPO / "data" / "fashion_categories.json"))
+    image_ids = sorted(p.stem for p in (fashion_slice / "images").glob("*.jpg"))[:6]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = [doc(pid, title=f"Brand{i} Men Blue Tshirt", image_url=f"{image_server}/{pid}.jpg",
+                rule_categories=["Apparel > Topwear > Tshirts"]) for i, pid in enumerate(image_ids)]
+    degraded = [
+        doc("d404", image_url=f"{image_server}/missing.jpg"),
+        doc("dbroken", image_url=f"file://{broken}"),
+        doc("dhang", image_url=hanging_url),
+        doc("dnone"),
+    ]
+    lines = [json.dumps(d).encode() for d in good + degraded] + [line for line, _ in BAD_LINES]
+    write_dump(tmp_path / "dump", lines, tree)
+    cache = str(tmp_path / "cache")
+
+    first = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre1"), cache, ["--runner=DirectRunner"])
+    counters = first["counters"]
+    assert counters["image_cache_misses"] == 6 and "image_cache_hits" not in counters
+    assert counters["degraded_image_http_404"] == 1
+    assert counters["degraded_image_undecodable"] == 1
+    assert counters["degraded_image_timeout"] == 1
+    assert counters["degraded_image_no_image_url"] == 1
+    dead = [json.loads(line) for f in glob.glob(str(tmp_path / "pre1/dead_letters/*.jsonl")) for line in open(f)]
+    assert sorted(d["reason"] for d in dead) == sorted(r for _, r in BAD_LINES)
+    clean = pq.read_table(glob.glob(str(tmp_path / "pre1/clean/*.parquet"))).to_pylist()
+    by_id = {r["id"]: r for r in clean}
+    assert set(by_id) == set(image_ids) | {"d404", "dbroken", "dhang", "dnone"}
+    assert all(by_id[i]["has_image"] == 1 and len(by_id[i]["image_embedding"]) == 1280 for i in image_ids)
+    assert {by_id[i]["image_error"] for i in ("d404", "dbroken", "dhang", "dnone")} == {"http_404", "undecodable", "timeout", "no_image_url"}
+
+    second = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre2"), cache, ["--runner=DirectRunner"])
+    assert second["counters"]["image_cache_hits"] == 6 and "image_cache_misses" not in second["counters"]
+    assert read_transformed(tmp_path / "pre1") == read_transformed(tmp_path / "pre2")
+    for name in ("title", "brand", "gender"):
+        assert (tmp_path / "pre1/transform_fn/transform_fn/assets" / name).read_bytes() == \
+               (tmp_path / "pre2/transform_fn/transform_fn/assets" / name).read_bytes()
+    clean2 = {r["id"]: r for r in pq.read_table(glob.glob(str(tmp_path / "pre2/clean/*.parquet"))).to_pylist()}
+    assert clean2 == by_id
