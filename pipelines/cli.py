@@ -27,7 +27,7 @@ def _es(args: argparse.Namespace) -> EsConnection:
 
 
 def _rabbit(args: argparse.Namespace) -> RabbitConnection:
-    return RabbitConnection(host=args.rabbit_host, port=args.rabbit_port,
+    return RabbitConnection(host=args.rabbit_host, port=args.rabbit_port, virtual_host=args.rabbit_vhost,
                             username=os.environ.get("PRODCAT_RABBIT_USER", "guest"),
                             password=os.environ.get("PRODCAT_RABBIT_PASSWORD", "guest"))
 
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--es-url", default="http://127.0.0.1:9200")
     parser.add_argument("--rabbit-host", default="127.0.0.1")
     parser.add_argument("--rabbit-port", type=int, default=5672)
+    parser.add_argument("--rabbit-vhost", default="/")
     parser.add_argument("--config", default=str(REPO / "feature_config.yaml"))
     parser.add_argument("--products-index", default="products")
     parser.add_argument("--categories-index", default="categories")

@@ -74,23 +74,24 @@ def model_inputs(cfg: FeatureConfig) -> Dict[str, tf.keras.Input]:
 
 def _feature_blocks(cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int):
     """One tensor per input: a learned projection (``width`` wide when ``linear``)."""
+    prefix = "wide" if linear else "deep"
     blocks = []
     for inp in cfg.inputs:
         if isinstance(inp, TextInput):
             size = inp.vocab_size + inp.oov_buckets
-            blocks.append(SparseLinear(size, width if linear else text_units, name=f"{inp.name}_tfidf")(
+            blocks.append(SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")(
                 [inputs[features.ids_key(inp.name)], inputs[features.weights_key(inp.name)]]))
         elif isinstance(inp, CategoricalInput):
             size = vocab_sizes[inp.name] + inp.oov_buckets
             dim = width if linear else inp.embedding_dim
-            blocks.append(tf.keras.layers.Embedding(size, dim, name=f"{inp.name}_embedding")(inputs[features.ids_key(inp.name)]))
+            blocks.append(tf.keras.layers.Embedding(size, dim, name=f"{prefix}_{inp.name}_embedding")(inputs[features.ids_key(inp.name)]))
         elif isinstance(inp, DenseInput):
             blocks.append(tf.keras.layers.Reshape((1,))(inputs[inp.name]))
         elif isinstance(inp, ImageInput):
             has_image = tf.keras.layers.Reshape((1,))(tf.cast(inputs[features.HAS_IMAGE], tf.float32))
             image = inputs[inp.name]
             if not linear:
-                image = tf.keras.layers.LayerNormalization(name=f"{inp.name}_norm")(image)
+                image = tf.keras.layers.LayerNormalization(name=f"{prefix}_{inp.name}_norm")(image)
             blocks.append(image)
             blocks.append(has_image)
     return blocks

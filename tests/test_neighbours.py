@@ -1,0 +1,74 @@
+"""Visual neighbours: ScaNN recall against exact search, and the edge cases of a group."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pipelines.config import Neighbours
+from pipelines.neighbours import normalise, search_group
+
+SETTINGS = Neighbours()
+
+
+def clustered(n, dim, clusters, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return (centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def exact_top_k(vectors, k):
+    unit, _ = normalise(vectors)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def test_scann_path_recall_at_100_against_exact_search():
+    vectors = clustered(6000, 64, 30)
+    ids = [str(i) for i in range(len(vectors))]
+    settings = dataclasses.replace(SETTINGS, brute_force_below=1000, query_chunk=1000)
+    found = dict(search_group(ids, vectors, settings))
+    truth = exact_top_k(vectors, 100)
+    sample = range(0, len(ids), 10)
+    recall = np.mean([len({int(n) for n, _ in found[str(i)]} & set(truth[i].tolist())) / 100 for i in sample])
+    assert recall >= 0.95
+    assert all(len(found[i]) == 100 and i not in {n for n, _ in found[i]} for i in ids)
+
+
+def test_exact_path_matches_numpy_and_orders_by_score():
+    vectors = clustered(300, 16, 5, seed=1)
+    ids = [f"p{i}" for i in range(300)]
+    found = dict(search_group(ids, vectors, SETTINGS))
+    truth = exact_top_k(vectors, 100)
+    for i in range(0, 300, 37):
+        assert [n for n, _ in found[ids[i]]] == [ids[j] for j in truth[i]]
+        scores = [s for _, s in found[ids[i]]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_small_group_returns_what_it_has():
+    found = dict(search_group(["a", "b", "c"], clustered(3, 8, 1), SETTINGS))
+    assert {k: len(v) for k, v in found.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_single_and_empty_groups():
+    assert dict(search_group(["a"], clustered(1, 8, 1), SETTINGS)) == {"a": []}
+    assert dict(search_group([], np.zeros((0, 8), np.float32), SETTINGS)) == {}
+
+
+def test_zero_and_non_finite_vectors_are_nobodys_neighbour():
+    vectors = clustered(5, 8, 1)
+    vectors[1] = 0.0
+    vectors[3] = np.nan
+    found = dict(search_group(list("abcde"), vectors, SETTINGS))
+    assert set(found) == {"a", "c", "e"}
+    assert all({n for n, _ in v} <= {"a", "c", "e"} for v in found.values())
+
+
+def test_duplicate_images_find_each_other_and_never_themselves():
+    vectors = clustered(10, 8, 2)
+    vectors[4] = vectors[7]
+    found = dict(search_group([str(i) for i in range(10)], vectors, SETTINGS))
+    assert found["4"][0] == ("7", pytest.approx(1.0, abs=1e-4))
+    assert found["7"][0] == ("4", pytest.approx(1.0, abs=1e-4))
+    assert all(pid not in {n for n, _ in v} for pid, v in found.items())
