@@ -18,6 +18,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ES_PORT = 9250
 VHOST = "prodcat-test"
+AIRFLOW_HOME = REPO / ".prodcat" / "test-airflow"
+
+
+def pytest_configure(config):
+    """A private Airflow home (SQLite) for the tests, set before Airflow is first imported."""
+    import os
+
+    AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+    os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
+    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
 def _port_open(port: int) -> bool:

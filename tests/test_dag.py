@@ -1,0 +1,67 @@
+"""DAG integrity: imports cleanly, no heavy imports at parse time, the task graph, schedule, params."""
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "pipelines.scann_search", "elasticsearch", "pika")
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["prodcat_categorise"]
+
+
+def test_dag_file_imports_nothing_heavy_at_parse_time():
+    code = (
+        "import runpy, sys; runpy.run_path(sys.argv[1]);"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / "prodcat_categorise.py")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_task_graph(dag):
+    upstream = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+    assert upstream == {
+        "dump": [],
+        "preprocess": ["dump"],
+        "train": ["preprocess"],
+        "evaluate": ["preprocess", "train"],
+        "predict": ["evaluate", "preprocess"],
+        "neighbours": ["predict", "preprocess"],
+        "publish": ["neighbours", "predict"],
+        "wait_indexed": ["publish"],
+    }
+
+
+def test_schedule_and_run_policy(dag):
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert "prodcat" in dag.tags and dag.doc_md
+    assert all(t.retries == 2 and t.execution_timeout is not None for t in dag.tasks)
+    assert dag.schedule == "@weekly"
+
+
+def test_default_params_validate(dag):
+    validated = copy.deepcopy(dag.params).validate()
+    assert validated["model_type"] == "ffn" and validated["limit"] is None
+
+
+@pytest.mark.parametrize("name, value", [("model_type", "xgboost"), ("limit", -5), ("limit", 0), ("force_publish", "yes"),
+                                         ("beam_runner", "LocalRunner"), ("categories", "Apparel")])
+def test_invalid_params_are_refused(dag, name, value):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = copy.deepcopy(dag.params)
+    with pytest.raises(ParamValidationError, match=name):
+        params[name] = value
+        params.validate()
