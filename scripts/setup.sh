@@ -18,11 +18,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.prodcat-requirements"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/requirements.lock" | sha256sum)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -r "$ROOT/requirements-dev.txt"
+  "$VENV/bin/pip" install -q -r "$ROOT/requirements-dev.txt" -c "$ROOT/requirements.lock"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/pip" install -q --no-deps -e "$ROOT" 2>/dev/null
