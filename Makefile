@@ -1,4 +1,4 @@
-.PHONY: setup services main test benchmarks bench-preprocess bench-quality bench-neighbours bench-publish
+.PHONY: setup services main test airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-neighbours-real
 
 setup:
 	scripts/setup.sh
@@ -18,4 +18,27 @@ airflow: services
 bench-neighbours: setup
 	.venv/bin/python -m benchmarks.neighbours
 
-benchmarks: bench-neighbours
+benchmarks: bench-preprocess bench-quality bench-neighbours-real
+
+# Benchmarks on the full ../shared fashion catalogue: seed it into its own indices, dump and
+# preprocess it once under .prodcat/bench, then measure.
+CATALOGUE ?= ../shared/data/fashion
+BENCH_ROOT := .prodcat/bench/data
+BENCH_RUN := $(BENCH_ROOT)/runs/bench
+PRODCAT := .venv/bin/prodcat --products-index bench-products --categories-index bench-categories
+
+$(BENCH_RUN)/dump/_SUCCESS: | services
+	$(PRODCAT) seed --catalogue $(CATALOGUE) --image-base-url file://$(abspath $(CATALOGUE))/images
+	$(PRODCAT) stage dump --data-root $(BENCH_ROOT) --run-id bench --version 1
+
+$(BENCH_RUN)/preprocess/_SUCCESS: $(BENCH_RUN)/dump/_SUCCESS
+	$(PRODCAT) stage preprocess $(BENCH_RUN)/dump --data-root $(BENCH_ROOT) --run-id bench --version 1
+
+bench-preprocess: $(BENCH_RUN)/dump/_SUCCESS
+	.venv/bin/python -m benchmarks.preprocess --dump-dir $(BENCH_RUN)/dump --images $(CATALOGUE)/images
+
+bench-quality: $(BENCH_RUN)/preprocess/_SUCCESS
+	.venv/bin/python -m benchmarks.quality --preprocess-dir $(BENCH_RUN)/preprocess
+
+bench-neighbours-real: $(BENCH_RUN)/preprocess/_SUCCESS
+	.venv/bin/python -m benchmarks.neighbours --real $(BENCH_RUN)/preprocess/clean

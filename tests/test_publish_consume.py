@@ -2,13 +2,11 @@
 asserting document by document on what Elasticsearch holds afterwards."""
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import pika
 import pytest
 import yaml
 from elasticsearch import helpers

@@ -1,16 +1,11 @@
 """Model construction, losses, tree decisions, thresholds, metrics, and the raw-input export."""
 import dataclasses
-import json
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 import tensorflow as tf
 
-from pipelines import storage
 from pipelines.config import load_config
 from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import category_entries, decide

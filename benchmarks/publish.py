@@ -1,0 +1,109 @@
+"""Publish-and-index benchmark: N updates published with confirms at 1, 2 and 4 publisher workers,
+consumed into Elasticsearch by one ``prodcat consume`` process; publish messages/s, end-to-end
+indexed documents/s, lost updates, and how close the consumer's rate limiter holds its setting.
+
+    python -m benchmarks.publish [--messages 100000] [--es-url http://127.0.0.1:9200]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from elasticsearch import helpers
+
+from benchmarks.results_file import write_results
+from pipelines.publish import RabbitConnection, message, publish_parallel
+from pipelines.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_index
+
+REPO = Path(__file__).resolve().parents[1]
+INDEX = "bench-publish-products"
+NAME = "publish"
+
+
+def updates(n: int, version: int) -> Iterator[dict]:
+    body = {"categories": [{"id": "Apparel", "name": "Apparel", "level": 1, "score": 0.9, "confident": True}], "attributes": {}}
+    for i in range(n):
+        yield message("predictions", str(i), f"bench-{version}", f"m{version}", version, body)
+
+
+def applied(es, version: int) -> int:
+    es.indices.refresh(index=INDEX)
+    return es.count(index=INDEX, query={"term": {"prediction_version": version}})["count"]
+
+
+def start_consumer(es_url: str, rate_limit: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX,
+                             "consume", "--rate-limit", str(rate_limit)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_applied(es, version: int, expected: int, timeout_s: float) -> float:
+    started = time.perf_counter()
+    while applied(es, version) < expected:
+        if time.perf_counter() - started > timeout_s:
+            break
+        time.sleep(0.5)
+    return time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--es-url", default="http://127.0.0.1:9200")
+    parser.add_argument("--rate-limit", type=float, default=1000.0, help="setting for the rate-limiter check")
+    args = parser.parse_args()
+    from pipelines.config import load_config
+
+    publish_cfg = load_config(REPO / "feature_config.yaml").publish
+    es = EsConnection(url=args.es_url).client()
+    rabbit = RabbitConnection()
+    recreate_index(es, INDEX, PRODUCT_MAPPINGS)
+    helpers.bulk(es, ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(args.messages)),
+                 chunk_size=5000, refresh=True)
+    rows = []
+    consumer = start_consumer(args.es_url, 1e9)
+    try:
+        for version, workers in enumerate(args.workers, start=1):
+            started = time.perf_counter()
+            sent = publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue,
+                                    functools.partial(updates, args.messages, version), workers)
+            published = time.perf_counter()
+            done = wait_applied(es, version, args.messages, timeout_s=1800)
+            rows.append({
+                "workers": workers,
+                "messages": sent,
+                "publish_msgs_per_s": round(sent / (published - started), 1),
+                "indexed_docs_per_s": round(args.messages / (done - started), 1),
+                "lost": args.messages - applied(es, version),
+            })
+            print(rows[-1], flush=True)
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=120)
+
+    check = min(args.messages, int(args.rate_limit * 20))
+    version = len(args.workers) + 1
+    publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue, functools.partial(updates, check, version), 2)
+    consumer = start_consumer(args.es_url, args.rate_limit)
+    try:
+        while applied(es, version) == 0:
+            time.sleep(0.2)
+        first, t0 = applied(es, version), time.perf_counter()
+        time.sleep(10)
+        observed = (applied(es, version) - first) / (time.perf_counter() - t0)
+        wait_applied(es, version, check, timeout_s=600)
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=120)
+    write_results(NAME, {"rows": rows, "rate_limit": {"setting": args.rate_limit, "observed": round(observed, 1)},
+                         "consumer": {"bulk_size": publish_cfg.consumer_bulk_size, "prefetch": publish_cfg.consumer_prefetch}})
+
+
+if __name__ == "__main__":
+    main()
