@@ -1,7 +1,8 @@
 """
 ### prodcat: categorise the catalogue
 
-Dumps products from Elasticsearch, preprocesses them with Beam + TF Transform, trains a
+Dumps products from Elasticsearch, preprocesses them with Beam + TF Transform, checks the
+data's statistics against the previous good run, trains a
 multi-label model on the rule labels, evaluates it against rule labels and ground truth
 (blessing gate), predicts every product, finds visual neighbours per second-level category
 with ScaNN, publishes the updates to RabbitMQ and waits until the consumer has written
@@ -66,6 +67,12 @@ def prodcat_categorise():
         return run_task("preprocess", CONFIG_PATH, dump_dir)
 
     @task
+    def validate_statistics(preprocess_dir: str) -> str:
+        from pipelines.airflow_entry import run_task
+
+        return run_task("validate_statistics", CONFIG_PATH, preprocess_dir)
+
+    @task
     def train(preprocess_dir: str) -> str:
         from pipelines.airflow_entry import run_task
 
@@ -102,7 +109,7 @@ def prodcat_categorise():
         return run_task("wait_indexed", CONFIG_PATH, publish_dir)
 
     preprocessed = preprocess(dump())
-    evaluated = evaluate(train(preprocessed), preprocessed)
+    evaluated = evaluate(train(validate_statistics(preprocessed)), preprocessed)
     predicted = predict(evaluated, preprocessed)
     wait_indexed(publish(predicted, neighbours(preprocessed, predicted)))
 

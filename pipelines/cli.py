@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "data" / "fashion_slice"
 RULES = REPO / "data" / "labelling_rules.yaml"
 TREE = REPO / "data" / "fashion_categories.json"
-STAGES = ("dump", "preprocess", "train", "evaluate", "predict", "neighbours", "publish", "wait_indexed")
+STAGES = ("dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "neighbours", "publish", "wait_indexed")
 
 
 def _es(args: argparse.Namespace) -> EsConnection:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -131,6 +131,20 @@ class Publish:
 
 
 @dataclasses.dataclass(frozen=True)
+class Validation:
+    """Thresholds of the statistics check before training (see pipelines.statistics)."""
+
+    on_anomaly: str = "fail"
+    min_rows: int = 1
+    default_max_missing_rate: float = 0.5
+    max_missing_rate: Dict[str, float] = dataclasses.field(default_factory=dict)
+    max_missing_rate_increase: float = 0.1
+    max_vocabulary_change: float = 0.5
+    max_row_change: float = 0.5
+    max_labelled_rate_drop: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
 class FeatureConfig:
     version: int
     inputs: Tuple[Input, ...]
@@ -139,6 +153,7 @@ class FeatureConfig:
     model: Model = Model()
     neighbours: Neighbours = Neighbours()
     publish: Publish = Publish()
+    validation: Validation = Validation()
 
     def inputs_of(self, kind: str) -> Tuple[Input, ...]:
         return tuple(i for i in self.inputs if i.kind == kind)
@@ -163,6 +178,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -226,6 +245,7 @@ def _validate(cfg: FeatureConfig) -> None:
         (1 <= cfg.neighbours.group_level <= cfg.labels.levels, "neighbours.group_level: must be within labels.levels"),
         (0 < cfg.split.test_percent < 100 and 0 < cfg.split.eval_percent < 100, "split: percents must be in (0, 100)"),
         (0 < cfg.model.target_precision <= 1, "model.target_precision: must be in (0, 1]"),
+        (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
     ]
     for inp in cfg.inputs:
         if isinstance(inp, ImageInput):
@@ -247,7 +267,7 @@ def parse_config(raw: Any) -> FeatureConfig:
         raise ConfigError(f"config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     if not raw.get("inputs"):
         raise ConfigError("config.inputs: at least one input is required")
-    sections = {"labels": Labels, "split": Split, "model": Model, "neighbours": Neighbours, "publish": Publish}
+    sections = {"labels": Labels, "split": Split, "model": Model, "neighbours": Neighbours, "publish": Publish, "validation": Validation}
     if "labels" not in raw:
         raise ConfigError("config: missing required key 'labels'")
     cfg = FeatureConfig(

@@ -75,6 +75,14 @@ def preprocess(s: RunSettings, dump_dir: str) -> str:
     return out
 
 
+def validate_statistics(s: RunSettings, preprocess_dir: str) -> str:
+    """Checks the run's data against the previous good run; returns ``preprocess_dir`` once it passed."""
+    from pipelines.statistics import previous_statistics, validate
+
+    validate(s.config(), preprocess_dir, s.stage("statistics"), previous_statistics(s.data_root, s.run_dir), s.version)
+    return preprocess_dir
+
+
 def train(s: RunSettings, preprocess_dir: str) -> str:
     from trainer.train import train as run_train
 

@@ -34,7 +34,8 @@ def test_task_graph(dag):
     assert upstream == {
         "dump": [],
         "preprocess": ["dump"],
-        "train": ["preprocess"],
+        "validate_statistics": ["preprocess"],
+        "train": ["validate_statistics"],
         "evaluate": ["preprocess", "train"],
         "predict": ["evaluate", "preprocess"],
         "neighbours": ["predict", "preprocess"],
