@@ -1,4 +1,4 @@
-.PHONY: setup services main test airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-neighbours-real
+.PHONY: setup services main test airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-neighbours-real bench-publish
 
 setup:
 	scripts/setup.sh
@@ -18,7 +18,10 @@ airflow: services
 bench-neighbours: setup
 	.venv/bin/python -m benchmarks.neighbours
 
-benchmarks: bench-preprocess bench-quality bench-neighbours-real
+benchmarks: bench-preprocess bench-quality bench-neighbours-real bench-neighbours bench-publish
+
+bench-publish: services
+	.venv/bin/python -m benchmarks.publish
 
 # Benchmarks on the full ../shared fashion catalogue: seed it into its own indices, dump and
 # preprocess it once under .prodcat/bench, then measure.

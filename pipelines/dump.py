@@ -115,14 +115,5 @@ def dump_tree(es: Elasticsearch, categories_index: str) -> CategoryTree:
     return CategoryTree.from_records(records)
 
 
-def read_products(dump_dir: str) -> Iterator[dict]:
-    """Streams the products of a finished dump folder."""
-    storage.require_complete(dump_dir)
-    for path in storage.list_files(dump_dir, "products-*.jsonl.gz"):
-        with storage.open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
-            for line in f:
-                yield json.loads(line)
-
-
 def read_tree(dump_dir: str) -> CategoryTree:
     return CategoryTree.from_records(storage.read_json(storage.join(dump_dir, "categories.json")))

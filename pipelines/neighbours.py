@@ -8,7 +8,6 @@ neighbours and are never anyone's neighbour.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import storage
 from pipelines.config import Neighbours
+from pipelines.preprocess import beam_counters
 from pipelines.taxonomy import CategoryTree
 
 log = logging.getLogger(__name__)
@@ -199,19 +199,11 @@ def compute_neighbours(
                 | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
                 | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
             )
-        counters = {
-            r.key.metric.name: r.committed
-            for r in p.result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
-        }
-        summary = {"counters": dict(sorted(counters.items())), "k": settings.k, "group_level": settings.group_level}
+        summary = {"counters": beam_counters(p.result, NAMESPACE), "k": settings.k, "group_level": settings.group_level}
         storage.write_json(storage.join(tmp, "summary.json"), summary)
     log.info("neighbours: %s", summary)
     return summary
 
 
 def read_neighbours(neighbours_dir: str) -> Iterator[dict]:
-    storage.require_complete(neighbours_dir)
-    for path in storage.list_files(neighbours_dir, "neighbours-*.jsonl.gz"):
-        with storage.open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
-            for line in f:
-                yield json.loads(line)
+    return storage.read_json_lines(neighbours_dir, "neighbours-*.jsonl.gz")

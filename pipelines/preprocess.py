@@ -338,16 +338,19 @@ def preprocess(
                         storage.join(tmp, "transformed", name), file_name_suffix=".tfrecord.gz"
                     )
                 )
-        counters = {
-            r.key.metric.name: r.committed
-            for r in p.result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]
-        }
+        counters = beam_counters(p.result, NAMESPACE)
         FileSystems.delete([storage.join(tmp, "tft_tmp")])
         storage.write_json(storage.join(tmp, "categories.json"), tree.to_records())
-        summary = {"counters": dict(sorted(counters.items())), "categories": len(tree)}
+        summary = {"counters": counters, "categories": len(tree)}
         storage.write_json(storage.join(tmp, "summary.json"), summary)
     log.info("preprocessed %s -> %s: %s", dump_dir, out_dir, summary)
     return summary
+
+
+def beam_counters(result: beam.runners.runner.PipelineResult, namespace: str) -> Dict[str, int]:
+    """A finished pipeline's counters of ``namespace``, by name."""
+    query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))
+    return dict(sorted((r.key.metric.name, r.committed) for r in query["counters"]))
 
 
 def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048) -> Iterator[Dict[str, Any]]:

@@ -8,6 +8,7 @@ Beam's ``FileSystems`` gives one API over local paths and GCS (and S3/HDFS where
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -120,3 +121,12 @@ def atomic_stage(stage_dir: str) -> Iterator[str]:
 def stage_path(run_folder: str, stage: str) -> str:
     return join(run_folder, stage)
 
+
+
+def read_json_lines(stage_dir: str, pattern: str) -> Iterator[Any]:
+    """Streams the records of every gzip JSON-lines file matching ``pattern`` in a finished stage."""
+    require_complete(stage_dir)
+    for path in list_files(stage_dir, pattern):
+        with open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            for line in f:
+                yield json.loads(line)

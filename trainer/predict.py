@@ -71,7 +71,4 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
 
 
 def read_predictions(predict_dir: str) -> Iterator[dict]:
-    storage.require_complete(predict_dir)
-    with storage.open_read(storage.join(predict_dir, PREDICTIONS_FILE)) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
-        for line in f:
-            yield json.loads(line)
+    return storage.read_json_lines(predict_dir, PREDICTIONS_FILE)
