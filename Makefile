@@ -1,4 +1,4 @@
-.PHONY: setup services main test airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-neighbours-real bench-publish
+.PHONY: setup services main test airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish
 
 setup:
 	scripts/setup.sh
@@ -15,10 +15,8 @@ test:
 airflow: services
 	scripts/airflow_local.sh
 
-bench-neighbours: setup
-	.venv/bin/python -m benchmarks.neighbours
 
-benchmarks: bench-preprocess bench-quality bench-neighbours-real bench-neighbours bench-publish
+benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish
 
 bench-publish: services
 	.venv/bin/python -m benchmarks.publish
@@ -43,5 +41,5 @@ bench-preprocess: $(BENCH_RUN)/dump/_SUCCESS
 bench-quality: $(BENCH_RUN)/preprocess/_SUCCESS
 	.venv/bin/python -m benchmarks.quality --preprocess-dir $(BENCH_RUN)/preprocess
 
-bench-neighbours-real: $(BENCH_RUN)/preprocess/_SUCCESS
-	.venv/bin/python -m benchmarks.neighbours --real $(BENCH_RUN)/preprocess/clean
+bench-neighbours: $(BENCH_RUN)/preprocess/_SUCCESS
+	.venv/bin/python -m benchmarks.neighbours --real $(BENCH_RUN)/preprocess/clean --sizes 10000 100000 1000000

@@ -99,6 +99,7 @@ class Model:
     epochs: int = 10
     batch_size: int = 128
     learning_rate: float = 0.001
+    category_loss_weight: float = 1.0
     target_precision: float = 0.9
     min_threshold: float = 0.3
     blessing_metric: str = "ground_truth.hierarchical_f1"

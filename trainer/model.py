@@ -133,5 +133,8 @@ def build_model(
         outputs[attr.name] = tf.keras.layers.Dense(attribute_sizes[attr.name], activation="softmax", name=attr.name)(hidden)
     model = tf.keras.Model(inputs=inputs, outputs=outputs)
     losses = {CATEGORIES: masked_binary_crossentropy, **{a.name: masked_sparse_crossentropy for a in cfg.labels.attributes}}
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=m.learning_rate), loss=losses)
+    # The category loss is a mean over hundreds of mostly-negative classes: weighted up so that
+    # the attribute heads' softmax losses do not dominate the shared layers.
+    weights = {CATEGORIES: m.category_loss_weight, **{a.name: 1.0 for a in cfg.labels.attributes}}
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=m.learning_rate), loss=losses, loss_weights=weights)
     return model

@@ -123,7 +123,7 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
         validation_data=eval_ds,
         epochs=m.epochs,
         verbose=2,
-        callbacks=[tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=2, restore_best_weights=True)],
+        callbacks=[tf.keras.callbacks.EarlyStopping(monitor=f"val_{CATEGORIES}_loss", patience=2, restore_best_weights=True)],
     )
     train_seconds = time.perf_counter() - started
     train_examples = sum(int(tf.shape(y[CATEGORIES])[0]) for _, y in train_ds) * len(history.epoch)
