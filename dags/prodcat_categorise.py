@@ -24,7 +24,7 @@ CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
 PREDICTIONS = Asset("prodcat://predictions")
 
 PARAMS = {
-    "model_type": Param("ffn", type="string", enum=["linear", "ffn", "wide_deep"], description="Model family to train."),
+    "model_type": Param("wide_deep", type="string", enum=["linear", "ffn", "wide_deep"], description="Model family to train."),
     "limit": Param(None, type=["null", "integer"], minimum=1, description="Dump at most this many products (trial runs)."),
     "categories": Param([], type="array", items={"type": "string"}, description="Only products under these category ids."),
     "force_publish": Param(False, type="boolean", description="Publish even if the model fails the blessing gate."),

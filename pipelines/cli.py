@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalogue", default=str(SLICE))
     p.add_argument("--work-dir", default=str(REPO / ".prodcat" / "demo"))
     p.add_argument("--image-port", type=int, default=8765)
-    p.add_argument("--model-type", default="ffn")
+    p.add_argument("--model-type", default="wide_deep")
     p.add_argument("--run-after", default="2026-11-22T00:00:00+00:00")
     p.set_defaults(func=cmd_demo)
     return parser

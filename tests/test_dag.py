@@ -54,7 +54,7 @@ def test_schedule_and_run_policy(dag):
 
 def test_default_params_validate(dag):
     validated = copy.deepcopy(dag.params).validate()
-    assert validated["model_type"] == "ffn" and validated["limit"] is None
+    assert validated["model_type"] == "wide_deep" and validated["limit"] is None
 
 
 @pytest.mark.parametrize("name, value", [("model_type", "xgboost"), ("limit", -5), ("limit", 0), ("force_publish", "yes"),
