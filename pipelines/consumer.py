@@ -210,8 +210,17 @@ class Consumer:
             delay = min(delay * 2, self.s.max_backoff_s)
 
     def _flush(self, channel) -> None:
-        """Sends the buffer as bulk requests until every item is applied or dead-lettered, then acks."""
+        """Sends the buffer in bulk requests of at most ``bulk_size`` docs (and one second's worth of the
+        rate limit), so that a full prefetch window never reaches the cluster as one request."""
         batch, self.buffer = self.buffer, []
+        chunk = self.s.bulk_size
+        if self.s.rate_limit_docs_per_s > 0:
+            chunk = max(1, min(chunk, int(self.s.rate_limit_docs_per_s)))
+        for start in range(0, len(batch), chunk):
+            self._send(channel, batch[start:start + chunk])
+
+    def _send(self, channel, batch: List[Pending]) -> None:
+        """Sends one bulk request (retrying 429/5xx items) until every item is applied or dead-lettered."""
         todo: List[Pending] = []
         for item in batch:
             try:
