@@ -7,7 +7,6 @@ indexed documents/s, lost updates, and how close the consumer's rate limiter hol
 from __future__ import annotations
 
 import argparse
-import functools
 import subprocess
 import sys
 import time
@@ -71,8 +70,8 @@ def main() -> None:
     try:
         for version, workers in enumerate(args.workers, start=1):
             started = time.perf_counter()
-            sent = publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue,
-                                    functools.partial(updates, args.messages, version), workers)
+            sent = sum(publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue,
+                                        updates(args.messages, version), workers).values())
             published = time.perf_counter()
             done = wait_applied(es, version, args.messages, timeout_s=1800)
             rows.append({
@@ -89,7 +88,7 @@ def main() -> None:
 
     check = min(args.messages, int(args.rate_limit * 20))
     version = len(args.workers) + 1
-    publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue, functools.partial(updates, check, version), 2)
+    publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue, updates(check, version), 2)
     consumer = start_consumer(args.es_url, args.rate_limit)
     try:
         while applied(es, version) == 0:

@@ -58,10 +58,15 @@ def iter_slice(
 
 
 def product_query(limit_categories: Optional[Sequence[str]] = None) -> dict:
+    """Products in a category subset: a rule label or a previous prediction at or below one of the
+    categories. The ground truth is never used to choose what the pipeline sees."""
     if not limit_categories:
         return {"match_all": {}}
-    return {"bool": {"should": [{"prefix": {"true_category": c}} for c in limit_categories] +
-                     [{"terms": {"rule_categories": list(limit_categories)}}]}}
+    should = []
+    for field in ("rule_categories", "predicted_categories.id"):
+        for c in limit_categories:
+            should += [{"term": {field: c}}, {"prefix": {field: f"{c} > "}}]
+    return {"bool": {"should": should, "minimum_should_match": 1}}
 
 
 def dump_products(

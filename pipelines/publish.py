@@ -13,8 +13,10 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import queue as queue_module
 import time
 import zlib
+from collections import Counter
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import pika
@@ -100,9 +102,10 @@ def publish_stream(
     dead_letter_queue: str,
     messages: Iterable[dict],
     max_wait_s: float = 120.0,
-) -> int:
-    """Publishes every message with a broker confirm; reconnects and resends on failure."""
-    sent = 0
+) -> Counter:
+    """Publishes every message with a broker confirm; reconnects and resends on failure.
+    Returns the counts sent per message kind."""
+    sent: Counter = Counter()
     pending: Optional[dict] = None
     iterator = iter(messages)
     while True:
@@ -123,7 +126,7 @@ def publish_stream(
                     properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
                     mandatory=True,
                 )
-                sent += 1
+                sent[pending["kind"]] += 1
                 pending = None
         except RECOVERABLE as e:
             log.warning("publishing interrupted (%s); reconnecting", e)
@@ -135,28 +138,73 @@ def publish_stream(
                     pass
 
 
-def _worker(args) -> int:
-    conn, queue, dlq, factory, shard, shards = args
-    return publish_stream(conn, queue, dlq, (m for m in factory() if shard_of(m["id"], shards) == shard))
+_BATCH = 500
+_DONE = None
+
+
+def _queued(inbox) -> Iterator[dict]:
+    while True:
+        batch = inbox.get()
+        if batch is _DONE:
+            return
+        yield from batch
+
+
+def _hand_over(inbox, item, proc) -> None:
+    """A bounded put that notices a dead worker instead of blocking forever."""
+    while True:
+        try:
+            inbox.put(item, timeout=5)
+            return
+        except queue_module.Full:
+            if not proc.is_alive():
+                raise RuntimeError(f"publisher worker exited with {proc.exitcode}")
+
+
+def _worker(conn: RabbitConnection, queue: str, dead_letter_queue: str, inbox, results) -> None:
+    results.put(dict(publish_stream(conn, queue, dead_letter_queue, _queued(inbox))))
 
 
 def publish_parallel(
     conn: RabbitConnection,
     queue: str,
     dead_letter_queue: str,
-    message_factory: Callable[[], Iterator[dict]],
+    messages: Iterable[dict],
     workers: int,
-) -> int:
-    """Publishes ``message_factory()`` split by product-id hash over ``workers`` processes.
+) -> Counter:
+    """Publishes ``messages`` over ``workers`` processes, split by product-id hash (so one product's
+    updates keep their order); returns the counts sent per kind.
 
-    Each worker re-reads the (cheap, local) message stream and sends its shard; the
-    network round-trips for confirms are what the processes overlap.
+    The stream is read once, here, and handed out in bounded batches: memory stays flat and the
+    workers overlap the network round-trips that confirms cost.
     """
     if workers <= 1:
-        return publish_stream(conn, queue, dead_letter_queue, message_factory())
+        return publish_stream(conn, queue, dead_letter_queue, messages)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        return sum(pool.map(_worker, [(conn, queue, dead_letter_queue, message_factory, i, workers) for i in range(workers)]))
+    inboxes = [ctx.Queue(maxsize=4) for _ in range(workers)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(conn, queue, dead_letter_queue, inbox, results), daemon=True) for inbox in inboxes]
+    for proc in procs:
+        proc.start()
+    batches: List[List[dict]] = [[] for _ in range(workers)]
+    for m in messages:
+        shard = shard_of(m["id"], workers)
+        batches[shard].append(m)
+        if len(batches[shard]) >= _BATCH:
+            _hand_over(inboxes[shard], batches[shard], procs[shard])
+            batches[shard] = []
+    for inbox, batch, proc in zip(inboxes, batches, procs):
+        if batch:
+            _hand_over(inbox, batch, proc)
+        _hand_over(inbox, _DONE, proc)
+    sent: Counter = Counter()
+    for proc in procs:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"publisher worker exited with {proc.exitcode}")
+    for _ in procs:
+        sent.update(results.get(timeout=5))
+    return sent
 
 
 def queue_depths(conn: RabbitConnection, queues: List[str]) -> Dict[str, int]:

@@ -7,7 +7,6 @@ versioned updates. Airflow and the CLI are thin callers of these functions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Iterator, Optional, Tuple
@@ -153,14 +152,12 @@ def publish(s: RunSettings, predict_dir: str, neighbours_dir: str) -> str:
     from pipelines.publish import publish_parallel
 
     cfg = s.config()
-    factory = functools.partial(update_messages, predict_dir, neighbours_dir, s.run_id, s.version)
-    counts = {"predictions": 0, "neighbours": 0}
-    for m in factory():
-        counts[m["kind"]] += 1
-    sent = publish_parallel(s.rabbit, cfg.publish.queue, cfg.publish.dead_letter_queue, factory, cfg.publish.workers)
+    messages = update_messages(predict_dir, neighbours_dir, s.run_id, s.version)
+    sent = publish_parallel(s.rabbit, cfg.publish.queue, cfg.publish.dead_letter_queue, messages, cfg.publish.workers)
     out = s.stage("publish")
     with storage.atomic_stage(out) as tmp:
-        storage.write_json(storage.join(tmp, "summary.json"), {**counts, "sent": sent, "version": s.version})
+        storage.write_json(storage.join(tmp, "summary.json"), {
+            "predictions": sent["predictions"], "neighbours": sent["neighbours"], "sent": sum(sent.values()), "version": s.version})
     return out
 
 
