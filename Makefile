@@ -25,7 +25,7 @@ bench-publish: services
 # preprocess it once under .prodcat/bench, then measure.
 CATALOGUE ?= ../shared/data/fashion
 BENCH_ROOT := .prodcat/bench/data
-BENCH_RUN := $(BENCH_ROOT)/runs/bench
+BENCH_RUN := $(BENCH_ROOT)/runs/prodcat_categorise/bench
 PRODCAT := .venv/bin/prodcat --products-index bench-products --categories-index bench-categories
 
 $(BENCH_RUN)/dump/_SUCCESS: | services

@@ -2,7 +2,7 @@
 pipeline for text and categorical features, images/s of the image encoder, and a plain pandas +
 scikit-learn ``TfidfVectorizer`` baseline on the same text features in the same run.
 
-    python -m benchmarks.preprocess --dump-dir .prodcat/bench/data/runs/bench/dump --images ../shared/data/fashion/images
+    python -m benchmarks.preprocess --dump-dir .prodcat/bench/data/runs/prodcat_categorise/bench/dump --images ../shared/data/fashion/images
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 precision@1 per tree level of the rule labels alone, a scikit-learn TF-IDF + one-vs-rest
 logistic regression trained on the same rule labels, and each of prodcat's models.
 
-    python -m benchmarks.quality --preprocess-dir .prodcat/bench/data/runs/bench/preprocess
+    python -m benchmarks.quality --preprocess-dir .prodcat/bench/data/runs/prodcat_categorise/bench/preprocess
 """
 from __future__ import annotations
 

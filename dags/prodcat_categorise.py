@@ -4,9 +4,9 @@
 Dumps products from Elasticsearch, preprocesses them with Beam + TF Transform, checks the
 data's statistics against the previous good run, trains a
 multi-label model on the rule labels, evaluates it against rule labels and ground truth
-(blessing gate), predicts every product, finds visual neighbours per second-level category
-with ScaNN, publishes the updates to RabbitMQ and waits until the consumer has written
-them back to Elasticsearch.
+(blessing gate), predicts every product, publishes the predictions to RabbitMQ and waits
+until the consumer has written them back to Elasticsearch. New predictions update the asset
+`prodcat://predictions`, which starts `prodcat_visual_neighbours`.
 
 Each task writes only into its run's folder (`<data_root>/runs/<run_id>/<stage>`) and can
 be cleared and rerun alone. Connections: `prodcat_elasticsearch`, `prodcat_rabbitmq`
@@ -20,8 +20,10 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipelines.assets import PREDICTIONS_URI
+
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
-PREDICTIONS = Asset("prodcat://predictions")
+PREDICTIONS = Asset(PREDICTIONS_URI)
 
 PARAMS = {
     "model_type": Param("wide_deep", type="string", enum=["linear", "ffn", "wide_deep"], description="Model family to train."),
@@ -85,22 +87,18 @@ def prodcat_categorise():
         return run_task("evaluate", CONFIG_PATH, model_dir, preprocess_dir)
 
     @task(outlets=[PREDICTIONS])
-    def predict(evaluation_dir: str, preprocess_dir: str) -> str:
+    def predict(evaluation_dir: str, preprocess_dir: str, *, outlet_events=None) -> str:
         from pipelines.airflow_entry import run_task
 
-        return run_task("predict", CONFIG_PATH, evaluation_dir, preprocess_dir)
+        predict_dir = run_task("predict", CONFIG_PATH, evaluation_dir, preprocess_dir)
+        outlet_events[PREDICTIONS].extra = {"predict_dir": predict_dir, "preprocess_dir": preprocess_dir}
+        return predict_dir
 
     @task
-    def neighbours(preprocess_dir: str, predict_dir: str) -> str:
+    def publish(predict_dir: str) -> str:
         from pipelines.airflow_entry import run_task
 
-        return run_task("neighbours", CONFIG_PATH, preprocess_dir, predict_dir)
-
-    @task
-    def publish(predict_dir: str, neighbours_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
-
-        return run_task("publish", CONFIG_PATH, predict_dir, neighbours_dir)
+        return run_task("publish_predictions", CONFIG_PATH, predict_dir)
 
     @task(execution_timeout=timedelta(hours=2))
     def wait_indexed(publish_dir: str) -> dict:
@@ -110,8 +108,7 @@ def prodcat_categorise():
 
     preprocessed = preprocess(dump())
     evaluated = evaluate(train(validate_statistics(preprocessed)), preprocessed)
-    predicted = predict(evaluated, preprocessed)
-    wait_indexed(publish(predicted, neighbours(preprocessed, predicted)))
+    wait_indexed(publish(predict(evaluated, preprocessed)))
 
 
 prodcat_categorise()

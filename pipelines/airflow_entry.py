@@ -3,8 +3,9 @@ the running task and calls :mod:`pipelines.tasks`. Imported only inside tasks.""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
+from pipelines.assets import PREDICTIONS_URI
 from pipelines.publish import RabbitConnection
 from pipelines.search_index import EsConnection
 from pipelines.tasks import RunSettings
@@ -58,6 +59,7 @@ def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
 
     params = context["params"]
     run = context["dag_run"]
+    # an asset-triggered run has no logical date
     when = context.get("logical_date") or run.run_after
     data_root = params.get("data_root") or Variable.get(
         DATA_ROOT_VARIABLE, default=os.path.join(os.path.expanduser("~"), "prodcat-data")
@@ -66,6 +68,7 @@ def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
     return RunSettings(
         data_root=data_root,
         run_id=run.run_id,
+        dag_id=run.dag_id,
         version=int(when.timestamp()),
         config_path=config_path,
         es=es_connection(),
@@ -85,3 +88,29 @@ def run_task(name: str, config_path: str, *paths: str) -> Any:
     from pipelines import tasks
 
     return getattr(tasks, name)(run_settings(get_current_context(), config_path), *paths)
+
+
+def predictions_folders(context: Mapping[str, Any]) -> Tuple[str, str]:
+    """``(preprocess_dir, predict_dir)`` of the predictions to find neighbours for: the params
+    of a manual trigger, else the newest triggering event of the predictions asset."""
+    params = context["params"]
+    if params.get("predict_dir") and params.get("preprocess_dir"):
+        return params["preprocess_dir"], params["predict_dir"]
+    from airflow.sdk import Asset
+
+    events = list(context["triggering_asset_events"].get(Asset(PREDICTIONS_URI), []))
+    if not events:
+        raise ValueError("no predictions to use: trigger with params predict_dir and preprocess_dir, "
+                         f"or let an update of {PREDICTIONS_URI} start this DAG")
+    extra = max(events, key=lambda e: e.timestamp).extra
+    return extra["preprocess_dir"], extra["predict_dir"]
+
+
+def run_neighbours(config_path: str) -> str:
+    """The visual-similarity DAG's neighbours task."""
+    from airflow.sdk import get_current_context
+
+    from pipelines import tasks
+
+    context = get_current_context()
+    return tasks.neighbours(run_settings(context, config_path), *predictions_folders(context))

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from pipelines.publish import RabbitConnection
 from pipelines.search_index import EsConnection
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "data" / "fashion_slice"
 RULES = REPO / "data" / "labelling_rules.yaml"
 TREE = REPO / "data" / "fashion_categories.json"
-STAGES = ("dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "neighbours", "publish", "wait_indexed")
+STAGES = ("dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "publish_predictions",
+          "neighbours", "publish_neighbours", "wait_indexed")
 
 
 def _es(args: argparse.Namespace) -> EsConnection:
@@ -72,7 +73,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from pipelines import tasks
 
     settings = tasks.RunSettings(
-        data_root=args.data_root, run_id=args.run_id, version=args.version, config_path=args.config,
+        data_root=args.data_root, run_id=args.run_id, version=args.version, config_path=args.config, dag_id=args.dag_id,
         products_index=args.products_index, categories_index=args.categories_index,
         es=_es(args), rabbit=_rabbit(args), model_type=args.model_type, limit=args.limit,
         beam_args=tuple(["--runner=DirectRunner", *args.beam_arg]),
@@ -95,27 +96,34 @@ def airflow_env(airflow_home: Path, data_root: str, es_url: str, rabbit_host: st
     }
 
 
-def run_dag_test(env: dict, conf: dict, run_after: str) -> None:
+def latest_run(data_root: str, dag_id: str) -> Path:
+    return max(Path(data_root, "runs", dag_id).iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def run_dags(env: dict, data_root: str, conf: dict, run_after: str) -> Tuple[Path, Path]:
+    """Both DAGs with ``airflow dags test``, chained as the scheduler chains them through the
+    predictions asset; returns their run folders."""
     airflow = [str(Path(sys.executable).parent / "airflow")]
     subprocess.run(airflow + ["db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        airflow + ["dags", "test", "prodcat_categorise", run_after, "--conf", json.dumps(conf)],
-        env=env, check=True,
-    )
+    subprocess.run(airflow + ["dags", "test", "prodcat_categorise", run_after, "--conf", json.dumps(conf)], env=env, check=True)
+    categorised = latest_run(data_root, "prodcat_categorise")
+    neighbours_conf = {"predict_dir": str(categorised / "predict"), "preprocess_dir": str(categorised / "preprocess")}
+    subprocess.run(airflow + ["dags", "test", "prodcat_visual_neighbours", run_after, "--conf", json.dumps(neighbours_conf)],
+                   env=env, check=True)
+    return categorised, latest_run(data_root, "prodcat_visual_neighbours")
 
 
-def print_report(es_url: str, data_root: str, products_index: str) -> None:
+def print_report(es_url: str, run: str, neighbours_run: str, products_index: str) -> None:
     from pipelines import storage
 
     es = EsConnection(url=es_url).client()
-    runs = sorted(Path(data_root, "runs").iterdir(), key=lambda p: p.stat().st_mtime)
-    run = str(runs[-1])
     report = {
-        "run": run,
+        "runs": [run, neighbours_run],
         "dump": storage.read_json(storage.join(run, "dump", "summary.json")),
         "preprocess": storage.read_json(storage.join(run, "preprocess", "summary.json"))["counters"],
-        "neighbours": storage.read_json(storage.join(run, "neighbours", "summary.json"))["counters"],
-        "published": storage.read_json(storage.join(run, "publish", "summary.json")),
+        "neighbours": storage.read_json(storage.join(neighbours_run, "neighbours", "summary.json"))["counters"],
+        "published": {"predictions": storage.read_json(storage.join(run, "publish", "summary.json")),
+                      "neighbours": storage.read_json(storage.join(neighbours_run, "publish", "summary.json"))},
     }
     metrics = storage.read_json(storage.join(run, "evaluation", "metrics.json"))
     for against in ("rule_labels", "ground_truth"):
@@ -141,7 +149,7 @@ def print_report(es_url: str, data_root: str, products_index: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Seeds the catalogue, serves its images, runs the consumer and the whole DAG, reports."""
+    """Seeds the catalogue, serves its images, runs the consumer and both DAGs, reports."""
     from pipelines.image_server import make_server
 
     work = Path(args.work_dir).resolve()
@@ -155,12 +163,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     consumer = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *common, "consume"])
     try:
         env = airflow_env(work / "airflow", data_root, args.es_url, args.rabbit_host, args.rabbit_port)
-        run_dag_test(env, {"model_type": args.model_type}, args.run_after)
+        runs = run_dags(env, data_root, {"model_type": args.model_type}, args.run_after)
     finally:
         consumer.terminate()
         consumer.wait(timeout=120)
         server.shutdown()
-    print_report(args.es_url, data_root, "products")
+    print_report(args.es_url, str(runs[0]), str(runs[1]), "products")
     print(f"\nmain job wall time: {time.perf_counter() - started:.0f}s")
 
 
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="the stage's input folders, as the DAG passes them")
     p.add_argument("--data-root", required=True)
     p.add_argument("--run-id", required=True)
+    p.add_argument("--dag-id", default="prodcat_categorise", help="the DAG whose run folder this is")
     p.add_argument("--version", type=int, required=True, help="update version; newer wins in Elasticsearch")
     p.add_argument("--model-type")
     p.add_argument("--limit", type=int)

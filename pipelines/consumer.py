@@ -24,6 +24,7 @@ from elasticsearch import ConnectionError as EsConnectionError
 from elasticsearch import ConnectionTimeout
 
 from pipelines.publish import KINDS, RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
+from pipelines.search_index import DEAD_LETTER_MAPPINGS, ensure_index
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class Consumer:
         """Consumes until SIGTERM/SIGINT (or ``idle_exit_s`` of silence); reconnects on failure."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        self._with_es_retry(lambda: ensure_index(self.es, DEAD_LETTER_INDEX, DEAD_LETTER_MAPPINGS))
         while not self.stopping:
             connection = connect_with_backoff(self.rabbit, max_wait_s=float("inf"))
             try:

@@ -5,7 +5,7 @@ import dataclasses
 import logging
 from typing import Iterable, Optional
 
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import BadRequestError, Elasticsearch, helpers
 
 from pipelines.taxonomy import CategoryTree
 
@@ -42,6 +42,16 @@ PRODUCT_MAPPINGS = {
     },
 }
 
+DEAD_LETTER_MAPPINGS = {
+    "properties": {
+        "id": {"type": "keyword"},
+        "run_id": {"type": "keyword"},
+        "kind": {"type": "keyword"},
+        "reason": {"type": "keyword", "ignore_above": 1024},
+        "body": {"type": "text", "index": False},
+    }
+}
+
 CATEGORY_MAPPINGS = {
     "properties": {
         "id": {"type": "keyword"},
@@ -69,6 +79,17 @@ class EsConnection:
         elif self.username:
             auth["basic_auth"] = (self.username, self.password or "")
         return Elasticsearch(self.url, request_timeout=self.request_timeout_s, **auth)
+
+
+def ensure_index(es: Elasticsearch, index: str, mappings: dict) -> None:
+    """Creates ``index`` unless it exists (safe when several processes race to create it)."""
+    if es.indices.exists(index=index):
+        return
+    try:
+        es.indices.create(index=index, mappings=mappings)
+    except BadRequestError as e:
+        if e.error != "resource_already_exists_exception":
+            raise
 
 
 def recreate_index(es: Elasticsearch, index: str, mappings: dict) -> None:

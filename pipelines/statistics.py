@@ -87,7 +87,7 @@ def find_anomalies(current: Dict, previous: Optional[Dict], limits: Validation) 
 def previous_statistics(data_root: str, run_dir: str) -> Optional[Dict]:
     """The statistics of the most recent other run that passed validation."""
     candidates = []
-    for path in storage.list_files(storage.join(data_root, "runs"), f"*/statistics/{STATISTICS_FILE}"):
+    for path in storage.list_files(storage.join(data_root, "runs"), f"*/*/statistics/{STATISTICS_FILE}"):
         if not path.startswith(run_dir.rstrip("/") + "/"):
             stats = storage.read_json(path)
             if stats.get("passed"):

@@ -34,8 +34,9 @@ def safe_run_id(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("_")
 
 
-def run_dir(data_root: str, run_id: str) -> str:
-    return join(data_root, "runs", safe_run_id(run_id))
+def run_dir(data_root: str, dag_id: str, run_id: str) -> str:
+    """``<data_root>/runs/<dag_id>/<run_id>``: each DAG run's own folder."""
+    return join(data_root, "runs", dag_id, safe_run_id(run_id))
 
 
 def exists(path: str) -> bool:

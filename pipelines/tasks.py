@@ -39,10 +39,11 @@ class RunSettings:
     categories: Tuple[str, ...] = ()
     force_publish: bool = False
     dump_slices: int = 2
+    dag_id: str = "prodcat_categorise"
 
     @property
     def run_dir(self) -> str:
-        return storage.run_dir(self.data_root, self.run_id)
+        return storage.run_dir(self.data_root, self.dag_id, self.run_id)
 
     def stage(self, name: str) -> str:
         return storage.join(self.run_dir, name)
@@ -135,47 +136,65 @@ def neighbours(s: RunSettings, preprocess_dir: str, predict_dir: str) -> str:
     return out
 
 
-def update_messages(predict_dir: str, neighbours_dir: str, run_id: str, version: int) -> Iterator[dict]:
-    """Every update message of a run: one per product and kind."""
-    from pipelines.neighbours import read_neighbours
+def prediction_messages(predict_dir: str, run_id: str, version: int) -> Iterator[dict]:
+    """One update message per predicted product."""
     from pipelines.publish import message
     from trainer.predict import read_predictions
 
     for p in read_predictions(predict_dir):
         body = {"categories": p["categories"], "attributes": p["attributes"]}
         yield message("predictions", p["id"], run_id, p["model_version"], version, body)
+
+
+def neighbour_messages(neighbours_dir: str, run_id: str, version: int) -> Iterator[dict]:
+    """One update message per product with neighbours."""
+    from pipelines.neighbours import read_neighbours
+    from pipelines.publish import message
+
     for n in read_neighbours(neighbours_dir):
         yield message("neighbours", n["id"], run_id, None, version, {"neighbours": n["neighbours"]})
 
 
-def publish(s: RunSettings, predict_dir: str, neighbours_dir: str) -> str:
-    from pipelines.publish import publish_parallel
+def _publish(s: RunSettings, messages: Iterator[dict]) -> str:
+    from pipelines.publish import KINDS, publish_parallel
 
     cfg = s.config()
-    messages = update_messages(predict_dir, neighbours_dir, s.run_id, s.version)
     sent = publish_parallel(s.rabbit, cfg.publish.queue, cfg.publish.dead_letter_queue, messages, cfg.publish.workers)
     out = s.stage("publish")
     with storage.atomic_stage(out) as tmp:
-        storage.write_json(storage.join(tmp, "summary.json"), {
-            "predictions": sent["predictions"], "neighbours": sent["neighbours"], "sent": sum(sent.values()), "version": s.version})
+        storage.write_json(storage.join(tmp, "summary.json"),
+                           {**{k: sent[k] for k in KINDS}, "sent": sum(sent.values()), "version": s.version, "run_id": s.run_id})
     return out
 
 
+def publish_predictions(s: RunSettings, predict_dir: str) -> str:
+    return _publish(s, prediction_messages(predict_dir, s.run_id, s.version))
+
+
+def publish_neighbours(s: RunSettings, neighbours_dir: str) -> str:
+    return _publish(s, neighbour_messages(neighbours_dir, s.run_id, s.version))
+
+
+VERSION_FIELDS = {"predictions": "prediction_version", "neighbours": "neighbours_version"}
+
+
 def indexed_counts(s: RunSettings) -> dict:
-    """How many products hold this run's (or a newer run's) updates, and this run's dead letters."""
+    """Per kind: products holding this run's (or a newer run's) updates, and this run's dead letters."""
     from pipelines.consumer import DEAD_LETTER_INDEX
 
     es = s.es.client()
     es.indices.refresh(index=s.products_index)
-    counts = {
-        kind: es.count(index=s.products_index, query={"range": {field: {"gte": s.version}}})["count"]
-        for kind, field in (("predictions", "prediction_version"), ("neighbours", "neighbours_version"))
-    }
-    if es.indices.exists(index=DEAD_LETTER_INDEX):
+    has_dead_letters = es.indices.exists(index=DEAD_LETTER_INDEX)
+    if has_dead_letters:
         es.indices.refresh(index=DEAD_LETTER_INDEX)
-        counts["dead_lettered"] = es.count(index=DEAD_LETTER_INDEX, query={"term": {"run_id": s.run_id}})["count"]
-    else:
-        counts["dead_lettered"] = 0
+    counts = {}
+    for kind, field in VERSION_FIELDS.items():
+        dead = 0
+        if has_dead_letters:
+            query = {"bool": {"filter": [{"term": {"run_id": s.run_id}}, {"term": {"kind": kind}}]}}
+            dead = es.count(index=DEAD_LETTER_INDEX, query=query)["count"]
+        indexed = es.count(index=s.products_index, query={"range": {field: {"gte": s.version}}})["count"]
+        counts[kind] = {"indexed": indexed, "dead_lettered": dead}
     return counts
 
 
@@ -185,11 +204,11 @@ def wait_indexed(s: RunSettings, publish_dir: str, timeout_s: float = 1800, poll
     deadline = time.monotonic() + timeout_s
     while True:
         counts = indexed_counts(s)
-        done = counts["predictions"] + counts["neighbours"] + counts["dead_lettered"]
-        expected = published["predictions"] + published["neighbours"]
-        log.info("indexed %s of %d published", counts, expected)
-        if done >= expected:
+        missing = {k: published[k] - c["indexed"] - c["dead_lettered"] for k, c in counts.items()
+                   if c["indexed"] + c["dead_lettered"] < published[k]}
+        log.info("indexed %s of %s published", counts, published)
+        if not missing:
             return {"published": published, "indexed": counts}
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {done} of {expected} updates indexed after {timeout_s}s: {counts}; is the consumer running?")
+            raise TimeoutError(f"{missing} updates still not indexed after {timeout_s}s: {counts}; is the consumer running?")
         time.sleep(poll_s)

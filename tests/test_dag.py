@@ -10,21 +10,31 @@ from conftest import REPO
 HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "pipelines.scann_search", "elasticsearch", "pika")
 
 
+DAG_IDS = ("prodcat_categorise", "prodcat_visual_neighbours")
+
+
 @pytest.fixture(scope="module")
-def dag():
+def bag():
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
+    assert sorted(bag.dags) == list(DAG_IDS)
+    return bag
+
+
+@pytest.fixture(scope="module")
+def dag(bag):
     return bag.dags["prodcat_categorise"]
 
 
-def test_dag_file_imports_nothing_heavy_at_parse_time():
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_dag_file_imports_nothing_heavy_at_parse_time(dag_id):
     code = (
         "import runpy, sys; runpy.run_path(sys.argv[1]);"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / "prodcat_categorise.py")],
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / f"{dag_id}.py")],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -38,18 +48,27 @@ def test_task_graph(dag):
         "train": ["validate_statistics"],
         "evaluate": ["preprocess", "train"],
         "predict": ["evaluate", "preprocess"],
-        "neighbours": ["predict", "preprocess"],
-        "publish": ["neighbours", "predict"],
+        "publish": ["predict"],
         "wait_indexed": ["publish"],
     }
 
 
-def test_schedule_and_run_policy(dag):
+def test_visual_neighbours_dag_runs_on_new_predictions(bag):
+    similar = bag.dags["prodcat_visual_neighbours"]
+    assert {t.task_id: sorted(t.upstream_task_ids) for t in similar.tasks} == {
+        "neighbours": [], "publish": ["neighbours"], "wait_indexed": ["publish"]}
+    (predict_outlet,) = bag.dags["prodcat_categorise"].get_task("predict").outlets
+    assert [a.uri for a in similar.timetable.asset_condition.objects] == [predict_outlet.uri]
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_schedule_and_run_policy(bag, dag_id):
+    dag = bag.dags[dag_id]
     assert dag.catchup is False
     assert dag.max_active_runs == 1
     assert "prodcat" in dag.tags and dag.doc_md
-    assert all(t.retries == 2 and t.execution_timeout is not None for t in dag.tasks)
-    assert dag.schedule == "@weekly"
+    assert all(t.retries == 2 and t.retry_exponential_backoff and t.execution_timeout is not None for t in dag.tasks)
+    assert bag.dags["prodcat_categorise"].schedule == "@weekly"
 
 
 def test_default_params_validate(dag):

@@ -99,8 +99,8 @@ def gcs_bucket(monkeypatch, tmp_path):
 
 def test_dump_into_a_gcs_run_folder(es, seeded, gcs_bucket):
     products, categories, _ = seeded
-    out = storage.join(storage.run_dir(gcs_bucket, "scheduled__2026-11-22T00:00:00+00:00"), "dump")
-    assert out == "gs://prodcat-runs/runs/scheduled__2026-11-22T00_00_00_00_00/dump"
+    out = storage.join(storage.run_dir(gcs_bucket, "prodcat_categorise", "scheduled__2026-11-22T00:00:00+00:00"), "dump")
+    assert out == "gs://prodcat-runs/runs/prodcat_categorise/scheduled__2026-11-22T00_00_00_00_00/dump"
     dump_products(es, products, categories, out, slices=2, page_size=200)
     dump_products(es, products, categories, out, slices=2, page_size=200)  # a rerun replaces it
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050))

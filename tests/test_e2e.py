@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from elasticsearch import helpers
 
-from pipelines.cli import airflow_env, run_dag_test
+from pipelines.cli import airflow_env, run_dags
 from pipelines.neighbours import read_neighbours
 from pipelines.search_index import EsConnection
 
@@ -33,12 +33,11 @@ def dag_run(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
         env = airflow_env(work / "airflow", str(work / "data"), es_url, "127.0.0.1", 5672)
         env["AIRFLOW_CONN_PRODCAT_RABBITMQ"] = json.dumps(
             {"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest", "password": "guest", "schema": rabbit_vhost.virtual_host})
-        run_dag_test(env, {"model_type": "ffn"}, "2026-11-22T00:00:00+00:00")
+        run_dir, neighbours_run_dir = run_dags(env, str(work / "data"), {"model_type": "ffn"}, "2026-11-22T00:00:00+00:00")
     finally:
         consumer.terminate()
         consumer.wait(timeout=120)
-    (run_dir,) = list((work / "data" / "runs").iterdir())
-    return {"es": es, "before": before, "after": all_docs(es, "products"), "run_dir": run_dir}
+    return {"es": es, "before": before, "after": all_docs(es, "products"), "run_dir": run_dir, "neighbours_run_dir": neighbours_run_dir}
 
 
 def test_every_product_has_predictions_with_ancestors_and_scores(dag_run):
@@ -58,7 +57,7 @@ def test_every_product_has_predictions_with_ancestors_and_scores(dag_run):
 
 def test_visual_neighbours_come_from_the_products_own_second_level_category(dag_run):
     after = dag_run["after"]
-    groups = {r["id"]: r["group"] for r in read_neighbours(str(dag_run["run_dir"] / "neighbours"))}
+    groups = {r["id"]: r["group"] for r in read_neighbours(str(dag_run["neighbours_run_dir"] / "neighbours"))}
     with_neighbours = 0
     for pid, doc in after.items():
         neighbours = doc["visual_neighbours"]
