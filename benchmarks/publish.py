@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
+import yaml
 from elasticsearch import helpers
 
 from benchmarks.results_file import write_results
-from pipelines.publish import RabbitConnection, message, publish_parallel
+from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
 from pipelines.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +37,8 @@ def applied(es, version: int) -> int:
     return es.count(index=INDEX, query={"term": {"prediction_version": version}})["count"]
 
 
-def start_consumer(es_url: str, rate_limit: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX,
+def start_consumer(es_url: str, config: Path, rate_limit: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
                              "consume", "--rate-limit", str(rate_limit)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -59,14 +61,25 @@ def main() -> None:
     args = parser.parse_args()
     from pipelines.config import load_config
 
-    publish_cfg = load_config(REPO / "feature_config.yaml").publish
+    # its own queues, so that a running `prodcat consume` does not take the benchmark's messages
+    raw = yaml.safe_load((REPO / "feature_config.yaml").read_text())
+    raw["publish"].update(queue="bench-publish-updates", dead_letter_queue="bench-publish-dead-letters")
+    config = Path(tempfile.mkdtemp(prefix="bench-publish-")) / "feature_config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    publish_cfg = load_config(config).publish
     es = EsConnection(url=args.es_url).client()
     rabbit = RabbitConnection()
+    connection = rabbit.connect()
+    channel = connection.channel()
+    declare_queues(channel, publish_cfg.queue, publish_cfg.dead_letter_queue)
+    for queue in (publish_cfg.queue, publish_cfg.dead_letter_queue):
+        channel.queue_purge(queue)  # leftovers of an interrupted run
+    connection.close()
     recreate_index(es, INDEX, PRODUCT_MAPPINGS)
     helpers.bulk(es, ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(args.messages)),
                  chunk_size=5000, refresh=True)
     rows = []
-    consumer = start_consumer(args.es_url, 1e9)
+    consumer = start_consumer(args.es_url, config, 1e9)
     try:
         for version, workers in enumerate(args.workers, start=1):
             started = time.perf_counter()
@@ -89,7 +102,7 @@ def main() -> None:
     check = min(args.messages, int(args.rate_limit * 20))
     version = len(args.workers) + 1
     publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue, updates(check, version), 2)
-    consumer = start_consumer(args.es_url, args.rate_limit)
+    consumer = start_consumer(args.es_url, config, args.rate_limit)
     try:
         while applied(es, version) == 0:
             time.sleep(0.2)
