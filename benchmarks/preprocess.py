@@ -21,8 +21,7 @@ from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "preprocess"
-
-
+MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]  # 0: one per core
 
 
 def beam_text_rows_per_s(dump_dir: str, beam_args: list) -> tuple:
@@ -77,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     beam_args = ["--runner=DirectRunner", *args.beam_arg]
     products, rows_per_s, beam_seconds = beam_text_rows_per_s(args.dump_dir, beam_args)
+    _, mp_rows_per_s, mp_seconds = beam_text_rows_per_s(args.dump_dir, beam_args + MULTI_PROCESSING)
     sk_rows_per_s, sk_seconds = sklearn_rows_per_s(args.dump_dir)
     img_per_s, img_seconds = images_per_s(args.images, args.image_count)
     result = {
@@ -84,6 +84,9 @@ def main() -> None:
         "rows_per_s": round(rows_per_s, 1),
         "beam_seconds": round(beam_seconds, 1),
         "beam_args": beam_args,
+        "rows_per_s_multi_processing": round(mp_rows_per_s, 1),
+        "beam_seconds_multi_processing": round(mp_seconds, 1),
+        "multi_processing_args": MULTI_PROCESSING,
         "images_per_s": round(img_per_s, 2),
         "images_timed": args.image_count,
         "sklearn_rows_per_s": round(sk_rows_per_s, 1),

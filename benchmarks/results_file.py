@@ -22,11 +22,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_results(name: str, result: dict[str, Any]) -> Path:
-    """Writes ``results/<name>.json`` with ``machine`` and ``date`` added, through a rename."""
+def write_results(name: str, result: dict[str, Any] | list[dict[str, Any]]) -> Path:
+    """Writes ``results/<name>.json`` through a rename, with ``machine`` and ``date`` added (to
+    each row where the result is a list of rows)."""
     path = RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {**result, "machine": {"cores": os.cpu_count(), "cpu": cpu_model()}, "date": date.today().isoformat()}
+    stamp = {"machine": {"cores": os.cpu_count(), "cpu": cpu_model()}, "date": date.today().isoformat()}
+    full = [{**row, **stamp} for row in result] if isinstance(result, list) else {**result, **stamp}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(full, indent=1))
     tmp.replace(path)
