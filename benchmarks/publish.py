@@ -7,6 +7,7 @@ indexed documents/s, lost updates, and how close the consumer's rate limiter hol
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from typing import Iterator
 import yaml
 from elasticsearch import helpers
 
-from benchmarks.results_file import write_results
+from benchmarks.results_file import RESULTS_DIR, write_results
 from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
 from pipelines.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_index
 
@@ -55,9 +56,11 @@ def wait_applied(es, version: int, expected: int, timeout_s: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4],
+                        help="publisher worker counts; none: only the rate-limiter check, rows kept from the last results file")
     parser.add_argument("--es-url", default="http://127.0.0.1:9200")
-    parser.add_argument("--rate-limit", type=float, default=1000.0, help="setting for the rate-limiter check")
+    parser.add_argument("--rate-limit", type=float, default=100.0,
+                        help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace")
     args = parser.parse_args()
     from pipelines.config import load_config
 
@@ -113,6 +116,8 @@ def main() -> None:
     finally:
         consumer.terminate()
         consumer.wait(timeout=120)
+    if not args.workers:
+        rows = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())["rows"]
     write_results(NAME, {"rows": rows, "rate_limit": {"setting": args.rate_limit, "observed": round(observed, 1)},
                          "consumer": {"bulk_size": publish_cfg.consumer_bulk_size, "prefetch": publish_cfg.consumer_prefetch}})
 

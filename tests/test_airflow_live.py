@@ -30,6 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """standalone's components outlive its own exit: the whole group goes, by force after a grace period."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(grace_s)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 class Airflow:
     """A running `airflow standalone` and a REST client for it."""
 
@@ -105,11 +116,7 @@ def airflow(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
             time.sleep(2)
         yield client
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         consumer.terminate()
         consumer.wait(timeout=60)
 
@@ -172,10 +179,10 @@ def test_ui_triggers_a_run_with_a_parameter_from_the_form(airflow, artifacts_dir
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{airflow.base}/auth/token/login?next=/dags/{DAG_ID}")
-        page.get_by_role("button", name="Trigger").first.click()
+        page.get_by_role("button", name="Trigger Dag").click()
         dialog = page.get_by_role("dialog")
-        dialog.get_by_text("Run Parameters").click()
-        dialog.get_by_label("limit").fill("50")
+        expect(dialog.get_by_text("Run Parameters")).to_be_visible()
+        dialog.locator("input[name=element_limit]").fill("50")
         dialog.get_by_role("button", name="Trigger").click()
         deadline = time.monotonic() + 60
         while not ({r["dag_run_id"] for r in airflow.runs()} - before) and time.monotonic() < deadline:
