@@ -9,10 +9,10 @@ predictions and neighbours never need joining in memory:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
-import multiprocessing
 import queue as queue_module
 import time
 import zlib
@@ -142,27 +142,12 @@ _BATCH = 500
 _DONE = None
 
 
-def _queued(inbox) -> Iterator[dict]:
+def _queued(inbox: "queue_module.Queue") -> Iterator[dict]:
     while True:
         batch = inbox.get()
         if batch is _DONE:
             return
         yield from batch
-
-
-def _hand_over(inbox, item, proc) -> None:
-    """A bounded put that notices a dead worker instead of blocking forever."""
-    while True:
-        try:
-            inbox.put(item, timeout=5)
-            return
-        except queue_module.Full:
-            if not proc.is_alive():
-                raise RuntimeError(f"publisher worker exited with {proc.exitcode}")
-
-
-def _worker(conn: RabbitConnection, queue: str, dead_letter_queue: str, inbox, results) -> None:
-    results.put(dict(publish_stream(conn, queue, dead_letter_queue, _queued(inbox))))
 
 
 def publish_parallel(
@@ -172,38 +157,52 @@ def publish_parallel(
     messages: Iterable[dict],
     workers: int,
 ) -> Counter:
-    """Publishes ``messages`` over ``workers`` processes, split by product-id hash (so one product's
-    updates keep their order); returns the counts sent per kind.
+    """Publishes ``messages`` over ``workers`` connections, split by product-id hash (so one
+    product's updates keep their order); returns the counts sent per kind.
 
-    The stream is read once, here, and handed out in bounded batches: memory stays flat and the
-    workers overlap the network round-trips that confirms cost.
+    Publishing with confirms waits on the network, not the CPU, so the workers are threads, each
+    with its own connection: they overlap the round-trips, and unlike processes they need nothing
+    re-imported (a spawned child would re-run the Airflow task runner's ``__main__``). The stream
+    is read once, here, and handed out in bounded batches, so memory stays flat.
     """
     if workers <= 1:
         return publish_stream(conn, queue, dead_letter_queue, messages)
-    ctx = multiprocessing.get_context("spawn")
-    inboxes = [ctx.Queue(maxsize=4) for _ in range(workers)]
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(conn, queue, dead_letter_queue, inbox, results), daemon=True) for inbox in inboxes]
-    for proc in procs:
-        proc.start()
-    batches: List[List[dict]] = [[] for _ in range(workers)]
-    for m in messages:
-        shard = shard_of(m["id"], workers)
-        batches[shard].append(m)
-        if len(batches[shard]) >= _BATCH:
-            _hand_over(inboxes[shard], batches[shard], procs[shard])
-            batches[shard] = []
-    for inbox, batch, proc in zip(inboxes, batches, procs):
-        if batch:
-            _hand_over(inbox, batch, proc)
-        _hand_over(inbox, _DONE, proc)
-    sent: Counter = Counter()
-    for proc in procs:
-        proc.join()
-        if proc.exitcode != 0:
-            raise RuntimeError(f"publisher worker exited with {proc.exitcode}")
-    for _ in procs:
-        sent.update(results.get(timeout=5))
+    inboxes = [queue_module.Queue(maxsize=4) for _ in range(workers)]
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="publish") as pool:
+        futures = [pool.submit(publish_stream, conn, queue, dead_letter_queue, _queued(inbox)) for inbox in inboxes]
+
+        def hand_over(shard: int, item: Optional[List[dict]]) -> None:
+            while True:  # a bounded put that notices a failed worker instead of blocking forever
+                try:
+                    inboxes[shard].put(item, timeout=5)
+                    return
+                except queue_module.Full:
+                    if futures[shard].done():
+                        futures[shard].result()  # raises the worker's error
+                        raise RuntimeError(f"publisher worker {shard} stopped early")
+
+        batches: List[List[dict]] = [[] for _ in range(workers)]
+        try:
+            for m in messages:
+                shard = shard_of(m["id"], workers)
+                batches[shard].append(m)
+                if len(batches[shard]) >= _BATCH:
+                    hand_over(shard, batches[shard])
+                    batches[shard] = []
+            for shard, batch in enumerate(batches):
+                if batch:
+                    hand_over(shard, batch)
+        finally:  # every live worker gets its end marker, so the pool can shut down even after an error
+            for shard in range(workers):
+                while not futures[shard].done():
+                    try:
+                        inboxes[shard].put(_DONE, timeout=1)
+                        break
+                    except queue_module.Full:
+                        pass
+        sent: Counter = Counter()
+        for future in futures:
+            sent.update(future.result())
     return sent
 
 
