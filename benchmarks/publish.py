@@ -1,4 +1,4 @@
-"""Publish-and-index benchmark: N updates published with confirms at 1, 2 and 4 publisher workers,
+"""Publish-and-index benchmark: N updates published with confirms at 1, 2 and 4 publisher worker threads,
 consumed into Elasticsearch by one ``prodcat consume`` process; publish messages/s, end-to-end
 indexed documents/s, lost updates, and how close the consumer's rate limiter holds its setting.
 
