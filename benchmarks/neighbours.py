@@ -35,8 +35,10 @@ def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
-        out[start:stop] = centres[rng.integers(0, clusters, stop - start)] + 0.7 * rng.normal(size=(stop - start, dim)).astype(np.float32)
-    return normalise(out)[0]
+        chunk = centres[rng.integers(0, clusters, stop - start)] + 0.7 * rng.normal(size=(stop - start, dim)).astype(np.float32)
+        # Normalised chunk by chunk: at 1M x 1280 one more full-size copy is 5 GB.
+        out[start:stop] = normalise(chunk)[0]
+    return out
 
 
 def exact(unit: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -86,6 +88,7 @@ def run_dataset(name: str, unit: np.ndarray, sample: int, methods: List[str], se
         build = time.perf_counter() - started
         found, seconds = timed_queries(lambda q: searcher.search_batched(q, final_num_neighbors=K + 1)[0].astype(np.int64), queries, n)
         row("prodcat", recall(found[:, 1:], truth), build + seconds, len(queries) < n)
+        del searcher
     if "faiss_hnsw" in methods and n > hnsw_max_n:
         skipped.append({"dataset": name, "n": n, "method": "faiss_hnsw",
                         "why": f"graph construction above {hnsw_max_n} vectors of {dim} dimensions does not fit this machine's time budget"})
@@ -98,6 +101,7 @@ def run_dataset(name: str, unit: np.ndarray, sample: int, methods: List[str], se
         build = time.perf_counter() - started
         found, seconds = timed_queries(lambda q: index.search(q, K + 1)[1], queries, n)
         row("faiss_hnsw", recall(found[:, 1:], truth), build + seconds, len(queries) < n)
+        del index
     if "faiss_ivf" in methods:
         started = time.perf_counter()
         nlist = max(16, int(4 * np.sqrt(n)))

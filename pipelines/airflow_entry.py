@@ -2,8 +2,11 @@
 the running task and calls :mod:`pipelines.tasks`. Imported only inside tasks."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from typing import Any, Mapping, Optional, Tuple
+import tempfile
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from pipelines.assets import PREDICTIONS_URI
 from pipelines.publish import RabbitConnection
@@ -12,6 +15,7 @@ from pipelines.tasks import RunSettings
 
 ES_CONN_ID = "prodcat_elasticsearch"
 RABBIT_CONN_ID = "prodcat_rabbitmq"
+GCP_CONN_ID = "prodcat_google_cloud"
 DATA_ROOT_VARIABLE = "prodcat_data_root"
 
 
@@ -53,6 +57,63 @@ def rabbit_connection() -> RabbitConnection:
     )
 
 
+def _gcp_field(conn: Any, name: str) -> Optional[str]:
+    extra = conn.extra_dejson if conn.extra else {}
+    # the Google provider's field names, with or without its old "extra__google_cloud_platform__" prefix
+    return extra.get(name) or extra.get(f"extra__google_cloud_platform__{name}")
+
+
+def google_cloud_env(conn: Any, secrets_dir: str) -> Dict[str, str]:
+    """Environment for Google's client libraries (google-cloud-storage, Beam's ``gs://`` filesystem,
+    Dataflow) from a Google Cloud connection: its key file (``key_path``, or ``keyfile_dict`` written
+    owner-only under ``secrets_dir``) and ``project``. No key: Application Default Credentials."""
+    env = {}
+    project = _gcp_field(conn, "project")
+    if project:
+        env["GOOGLE_CLOUD_PROJECT"] = project
+    key_path = _gcp_field(conn, "key_path")
+    keyfile = _gcp_field(conn, "keyfile_dict")
+    if keyfile:
+        key_path = os.path.join(secrets_dir, "google_credentials.json")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(keyfile if isinstance(keyfile, str) else json.dumps(keyfile))
+    if key_path:
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = key_path
+    return env
+
+
+@contextlib.contextmanager
+def google_cloud_credentials() -> Iterator[None]:
+    """The ``prodcat_google_cloud`` connection's credentials in this task's environment while it
+    runs (Beam workers it starts inherit them); nothing where there is no such connection."""
+    conn = _connection(GCP_CONN_ID)
+    if conn is None:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="prodcat-gcp-") as secrets_dir:
+        env = google_cloud_env(conn, secrets_dir)
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def beam_arguments(params: Mapping[str, Any], project: Optional[str]) -> Tuple[str, ...]:
+    """Runner flag and options from the params; Dataflow gets the connection's project unless given."""
+    runner = params.get("beam_runner") or "DirectRunner"
+    options = list(params.get("beam_options") or [])
+    if runner == "DataflowRunner" and project and not any(o.startswith("--project") for o in options):
+        options.append(f"--project={project}")
+    return (f"--runner={runner}", *options)
+
+
 def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
     """The task's :class:`RunSettings` from its Airflow context."""
     from airflow.sdk import Variable
@@ -64,7 +125,8 @@ def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
     data_root = params.get("data_root") or Variable.get(
         DATA_ROOT_VARIABLE, default=os.path.join(os.path.expanduser("~"), "prodcat-data")
     )
-    beam_args = [f"--runner={params.get('beam_runner') or 'DirectRunner'}", *(params.get("beam_options") or [])]
+    gcp = _connection(GCP_CONN_ID)
+    beam_args = beam_arguments(params, _gcp_field(gcp, "project") if gcp is not None else None)
     return RunSettings(
         data_root=data_root,
         run_id=run.run_id,
@@ -73,7 +135,7 @@ def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
         config_path=config_path,
         es=es_connection(),
         rabbit=rabbit_connection(),
-        beam_args=tuple(beam_args),
+        beam_args=beam_args,
         model_type=params.get("model_type") or None,
         limit=params.get("limit"),
         categories=tuple(params.get("categories") or ()),
@@ -87,7 +149,8 @@ def run_task(name: str, config_path: str, *paths: str) -> Any:
 
     from pipelines import tasks
 
-    return getattr(tasks, name)(run_settings(get_current_context(), config_path), *paths)
+    with google_cloud_credentials():
+        return getattr(tasks, name)(run_settings(get_current_context(), config_path), *paths)
 
 
 def predictions_folders(context: Mapping[str, Any]) -> Tuple[str, str]:
@@ -113,4 +176,5 @@ def run_neighbours(config_path: str) -> str:
     from pipelines import tasks
 
     context = get_current_context()
-    return tasks.neighbours(run_settings(context, config_path), *predictions_folders(context))
+    with google_cloud_credentials():
+        return tasks.neighbours(run_settings(context, config_path), *predictions_folders(context))
