@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.results_file import write_results
 from pipelines.config import Neighbours
-from pipelines.neighbours import build_searcher, normalise
+from pipelines.neighbours import group_query, normalise
 
 K = 100
 NAME = "neighbours"
@@ -84,11 +84,11 @@ def run_dataset(name: str, unit: np.ndarray, sample: int, methods: List[str], se
 
     if "prodcat" in methods:
         started = time.perf_counter()
-        searcher = build_searcher(unit, K + 1, settings)
+        query, _ = group_query(unit, K + 1, settings)
         build = time.perf_counter() - started
-        found, seconds = timed_queries(lambda q: searcher.search_batched(q, final_num_neighbors=K + 1)[0].astype(np.int64), queries, n)
+        found, seconds = timed_queries(lambda q: query(q)[0].astype(np.int64), queries, n)
         row("prodcat", recall(found[:, 1:], truth), build + seconds, len(queries) < n)
-        del searcher
+        del query
     if "faiss_hnsw" in methods and n > hnsw_max_n:
         skipped.append({"dataset": name, "n": n, "method": "faiss_hnsw",
                         "why": f"graph construction above {hnsw_max_n} vectors of {dim} dimensions does not fit this machine's time budget"})

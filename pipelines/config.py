@@ -111,7 +111,7 @@ class Neighbours:
     k: int = 100
     group_level: int = 2
     group_by: str = "predicted"
-    brute_force_below: int = 5000
+    brute_force_below: int = 40000
     query_chunk: int = 4096
     leaves_per_sqrt_n: float = 1.0
     leaves_to_search_fraction: float = 0.1

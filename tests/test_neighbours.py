@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import Neighbours
-from pipelines.neighbours import normalise, search_group
+from pipelines.neighbours import exact_search, normalise, search_group
 
 SETTINGS = Neighbours()
 
@@ -44,6 +44,32 @@ def test_exact_path_matches_numpy_and_orders_by_score():
         assert [n for n, _ in found[ids[i]]] == [ids[j] for j in truth[i]]
         scores = [s for _, s in found[ids[i]]]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_exact_search_orders_ties_by_index():
+    unit = np.asarray([[1, 0], [0, 1], [1, 0], [0.6, 0.8], [1, 0]], dtype=np.float32)
+    found, scores = exact_search(unit, unit[:1], 4)
+    assert found.tolist() == [[0, 2, 4, 3]]
+    assert scores[0].tolist() == pytest.approx([1, 1, 1, 0.6])
+
+
+@pytest.mark.parametrize("brute_force_below", [10_000, 100])
+def test_serialised_group_searcher_answers_a_new_product(tmp_path, brute_force_below):
+    from pipelines.scann_search import scann_ops_pybind
+
+    vectors = clustered(400, 16, 4, seed=2)
+    ids = [f"p{i}" for i in range(400)]
+    settings = dataclasses.replace(SETTINGS, brute_force_below=brute_force_below)
+    found = dict(search_group(ids, vectors, settings, str(tmp_path)))
+    searcher = scann_ops_pybind.load_searcher(str(tmp_path))
+    for i in range(0, 400, 40):
+        idx, _ = searcher.search(normalise(vectors[i : i + 1])[0][0], final_num_neighbors=11)
+        loaded = [ids[j] for j in idx if ids[j] != ids[i]][:10]
+        pipeline = [n for n, _ in found[ids[i]][:10]]
+        if brute_force_below > 400:  # the exact path: the same neighbours in the same order
+            assert loaded == pipeline
+        else:  # approximate on both sides
+            assert len(set(loaded) & set(pipeline)) >= 8
 
 
 def test_small_group_returns_what_it_has():
