@@ -1,5 +1,6 @@
-"""The Airflow entry point's Google Cloud connection: credentials and project reach Google's
-client libraries and Dataflow for the task's duration only."""
+"""The Airflow entry point's connections: Elasticsearch and RabbitMQ endpoints with their secrets
+kept out of reprs; Google Cloud credentials and project reach Google's client libraries and Dataflow
+for the task's duration only."""
 import json
 import os
 import stat
@@ -66,3 +67,26 @@ def test_without_the_connection_nothing_changes(monkeypatch):
 ])
 def test_beam_arguments(params, project, expected):
     assert airflow_entry.beam_arguments(params, project) == expected
+
+
+def test_service_connections_fill_endpoints_and_keep_secrets_out_of_reprs(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PRODCAT_ELASTICSEARCH", json.dumps(
+        {"conn_type": "elasticsearch", "host": "es.internal", "port": 9243, "login": "prodcat",
+         "password": "es-secret", "extra": {"scheme": "https", "api_key": "key-secret"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_PRODCAT_RABBITMQ", json.dumps(
+        {"conn_type": "amqp", "host": "mq.internal", "port": 5671, "login": "prodcat",
+         "password": "mq-secret", "schema": "catalogue"}))
+    es, rabbit = airflow_entry.es_connection(), airflow_entry.rabbit_connection()
+    assert (es.url, es.username, es.password, es.api_key) == ("https://es.internal:9243", "prodcat", "es-secret", "key-secret")
+    assert (rabbit.host, rabbit.port, rabbit.username, rabbit.password, rabbit.virtual_host) == (
+        "mq.internal", 5671, "prodcat", "mq-secret", "catalogue")
+    printed = repr(es) + repr(rabbit)
+    assert "es.internal" in printed and "mq.internal" in printed
+    assert not any(secret in printed for secret in ("es-secret", "key-secret", "mq-secret"))
+
+
+def test_without_service_connections_the_local_defaults(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_PRODCAT_ELASTICSEARCH", raising=False)
+    monkeypatch.delenv("AIRFLOW_CONN_PRODCAT_RABBITMQ", raising=False)
+    assert airflow_entry.es_connection().url == "http://127.0.0.1:9200"
+    assert (airflow_entry.rabbit_connection().host, airflow_entry.rabbit_connection().port) == ("127.0.0.1", 5672)

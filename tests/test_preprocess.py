@@ -11,7 +11,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import storage
@@ -51,7 +51,7 @@ BAD_LINES = [
 def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
     good = json.dumps(doc("10", rule_categories=["Apparel > Topwear > Tshirts", "Not > A > Category"])).encode()
     huge = json.dumps(doc("11", title="x" * 1_000_000)).encode()
-    with TestPipeline() as p:
+    with test_pipeline.TestPipeline() as p:
         out = (p | beam.Create([good, huge] + [line for line, _ in BAD_LINES])
                | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid"))
         assert_that(out[DEAD] | "Reasons" >> beam.Map(lambda d: d["reason"]), equal_to([r for _, r in BAD_LINES]), label="dead")

@@ -114,3 +114,23 @@ def test_metrics_against_truth_per_level_and_hierarchical():
     assert m["hierarchical_precision"] == pytest.approx(3 / 4)
     assert m["hierarchical_recall"] == pytest.approx(3 / 6)
     assert m["precision_at_1"] == 1.0
+
+
+def test_blessing_gate_keeps_the_better_model_unless_forced(tmp_path):
+    from pipelines import storage
+    from trainer.evaluate import bless
+
+    blessed_path = str(tmp_path / "blessed.json")
+    metric = "ground_truth.hierarchical_f1"
+
+    def metrics(value, version):
+        return {"model_version": version, "ground_truth": {"hierarchical_f1": value}}
+
+    assert bless(metrics(0.8, "v1"), metric, blessed_path, "m/v1", force=False)["blessed"]
+    worse = bless(metrics(0.7, "v2"), metric, blessed_path, "m/v2", force=False)
+    assert not worse["blessed"] and worse["previous"]["model_dir"] == "m/v1"
+    assert storage.read_json(blessed_path)["model_dir"] == "m/v1"
+    assert bless(metrics(0.8, "v1"), metric, blessed_path, "m/v1", force=False)["blessed"]
+    assert bless(metrics(0.7, "v2"), metric, blessed_path, "m/v2", force=True)["blessed"]
+    assert storage.read_json(blessed_path)["model_dir"] == "m/v2"
+    assert bless(metrics(0.75, "v3"), metric, blessed_path, "m/v3", force=False)["blessed"]
