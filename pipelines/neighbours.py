@@ -112,7 +112,8 @@ def search_group(
         found, scores = query(unit[start : start + settings.query_chunk])
         for row, (idx, sc) in enumerate(zip(found, scores)):
             me = start + row
-            pairs = [(ids[j], round(float(s), 5)) for j, s in zip(idx, sc) if int(j) != me][:k]
+            # ScaNN pads a row with index 0 and a NaN score when its searched leaves held fewer than k
+            pairs = [(ids[j], round(float(s), 5)) for j, s in zip(idx, sc) if int(j) != me and np.isfinite(s)][:k]
             yield ids[me], pairs
 
 

@@ -61,15 +61,24 @@ def test_serialised_group_searcher_answers_a_new_product(tmp_path, brute_force_b
     ids = [f"p{i}" for i in range(400)]
     settings = dataclasses.replace(SETTINGS, brute_force_below=brute_force_below)
     found = dict(search_group(ids, vectors, settings, str(tmp_path)))
+    for pid, pairs in found.items():
+        names, scores = [n for n, _ in pairs], [s for _, s in pairs]
+        assert pid not in names and len(set(names)) == len(names)
+        assert np.isfinite(scores).all() and scores == sorted(scores, reverse=True)
     searcher = scann_ops_pybind.load_searcher(str(tmp_path))
-    for i in range(0, 400, 40):
-        idx, _ = searcher.search(normalise(vectors[i : i + 1])[0][0], final_num_neighbors=11)
-        loaded = [ids[j] for j in idx if ids[j] != ids[i]][:10]
-        pipeline = [n for n, _ in found[ids[i]][:10]]
-        if brute_force_below > 400:  # the exact path: the same neighbours in the same order
-            assert loaded == pipeline
-        else:  # approximate on both sides
-            assert len(set(loaded) & set(pipeline)) >= 8
+    unit, _ = normalise(vectors)
+    if brute_force_below > 400:  # exact in the pipeline: the loaded searcher gives the same order
+        for i in range(0, 400, 40):
+            idx, _ = searcher.search(unit[i], final_num_neighbors=11)
+            assert [ids[j] for j in idx if j != i][:10] == [n for n, _ in found[ids[i]][:10]]
+    else:  # the pipeline's own tree searcher: the loaded one answers its queries the same way
+        idx, scores = searcher.search_batched(unit, final_num_neighbors=settings.k + 1)
+        for i, (row, row_scores) in enumerate(zip(idx, scores)):
+            mine = [ids[j] for j, s in zip(row, row_scores) if j != i and np.isfinite(s)][: settings.k]
+            assert mine == [n for n, _ in found[ids[i]]]
+    new_product = normalise(vectors[7:8] + 0.05)[0][0]
+    idx, scores = searcher.search(new_product, final_num_neighbors=10)
+    assert len(idx) > 0 and scores.tolist() == pytest.approx((unit[idx] @ new_product).tolist(), abs=1e-4)
 
 
 def test_small_group_returns_what_it_has():
