@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # a line per HTTP request or AMQP handshake would bury the report
+        for chatty in ("elastic_transport", "pika"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     args.func(args)
 
 
