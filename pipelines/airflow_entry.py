@@ -84,19 +84,20 @@ def google_cloud_env(conn: Any, secrets_dir: str) -> Dict[str, str]:
 
 
 @contextlib.contextmanager
-def google_cloud_credentials() -> Iterator[None]:
+def google_cloud_credentials() -> Iterator[Optional[str]]:
     """The ``prodcat_google_cloud`` connection's credentials in this task's environment while it
-    runs (Beam workers it starts inherit them); nothing where there is no such connection."""
+    runs (Beam workers it starts inherit them); yields its project. Nothing where there is no such
+    connection (yields None)."""
     conn = _connection(GCP_CONN_ID)
     if conn is None:
-        yield
+        yield None
         return
     with tempfile.TemporaryDirectory(prefix="prodcat-gcp-") as secrets_dir:
         env = google_cloud_env(conn, secrets_dir)
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:
-            yield
+            yield _gcp_field(conn, "project")
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -114,8 +115,8 @@ def beam_arguments(params: Mapping[str, Any], project: Optional[str]) -> Tuple[s
     return (f"--runner={runner}", *options)
 
 
-def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
-    """The task's :class:`RunSettings` from its Airflow context."""
+def run_settings(context: Mapping[str, Any], config_path: str, project: Optional[str]) -> RunSettings:
+    """The task's :class:`RunSettings` from its Airflow context and Google Cloud ``project``."""
     from airflow.sdk import Variable
 
     params = context["params"]
@@ -125,8 +126,7 @@ def run_settings(context: Mapping[str, Any], config_path: str) -> RunSettings:
     data_root = params.get("data_root") or Variable.get(
         DATA_ROOT_VARIABLE, default=os.path.join(os.path.expanduser("~"), "prodcat-data")
     )
-    gcp = _connection(GCP_CONN_ID)
-    beam_args = beam_arguments(params, _gcp_field(gcp, "project") if gcp is not None else None)
+    beam_args = beam_arguments(params, project)
     return RunSettings(
         data_root=data_root,
         run_id=run.run_id,
@@ -149,8 +149,8 @@ def run_task(name: str, config_path: str, *paths: str) -> Any:
 
     from pipelines import tasks
 
-    with google_cloud_credentials():
-        return getattr(tasks, name)(run_settings(get_current_context(), config_path), *paths)
+    with google_cloud_credentials() as project:
+        return getattr(tasks, name)(run_settings(get_current_context(), config_path, project), *paths)
 
 
 def predictions_folders(context: Mapping[str, Any]) -> Tuple[str, str]:
@@ -176,5 +176,5 @@ def run_neighbours(config_path: str) -> str:
     from pipelines import tasks
 
     context = get_current_context()
-    with google_cloud_credentials():
-        return tasks.neighbours(run_settings(context, config_path), *predictions_folders(context))
+    with google_cloud_credentials() as project:
+        return tasks.neighbours(run_settings(context, config_path, project), *predictions_folders(context))

@@ -40,7 +40,8 @@ def test_credentials_are_set_while_the_task_runs_and_removed_after(monkeypatch):
         {"conn_type": "google_cloud_platform", "extra": {"project": "acme-catalogue", "keyfile_dict": KEY}}))
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "before")
-    with airflow_entry.google_cloud_credentials():
+    with airflow_entry.google_cloud_credentials() as project:
+        assert project == "acme-catalogue"
         key_file = os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
         assert json.loads(open(key_file).read()) == KEY
         assert os.environ["GOOGLE_CLOUD_PROJECT"] == "acme-catalogue"
@@ -52,7 +53,8 @@ def test_credentials_are_set_while_the_task_runs_and_removed_after(monkeypatch):
 def test_without_the_connection_nothing_changes(monkeypatch):
     monkeypatch.delenv("AIRFLOW_CONN_PRODCAT_GOOGLE_CLOUD", raising=False)
     before = dict(os.environ)
-    with airflow_entry.google_cloud_credentials():
+    with airflow_entry.google_cloud_credentials() as project:
+        assert project is None
         assert dict(os.environ) == before
 
 
