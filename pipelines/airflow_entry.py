@@ -153,6 +153,32 @@ def run_task(name: str, config_path: str, *paths: str) -> Any:
         return getattr(tasks, name)(run_settings(get_current_context(), config_path, project), *paths)
 
 
+def poke_indexed(config_path: str, publish_dir: str) -> Any:
+    """One poke of a ``wait_indexed`` sensor: a check of :func:`pipelines.tasks.check_indexed`, its
+    state kept per task try; done with the ``indexed`` folder as XCom once every update arrived."""
+    from airflow.sdk import PokeReturnValue, get_current_context
+
+    from pipelines import tasks
+
+    context = get_current_context()
+    with google_cloud_credentials() as project:
+        settings = run_settings(context, config_path, project)
+        out = tasks.check_indexed(settings, publish_dir, f"try-{context['ti'].try_number}")
+    return PokeReturnValue(is_done=out is not None, xcom_value=out)
+
+
+def run_replay(config_path: str) -> Dict[str, int]:
+    """The dead-letter replay DAG's task: replays the dead letters its params select."""
+    from airflow.sdk import get_current_context
+
+    from pipelines import tasks
+
+    context = get_current_context()
+    params = context["params"]
+    settings = run_settings(context, config_path, None)
+    return tasks.replay_dead_letters(settings, params.get("run_id") or None, params.get("reason_contains") or None)
+
+
 def predictions_folders(context: Mapping[str, Any]) -> Tuple[str, str]:
     """``(preprocess_dir, predict_dir)`` of the predictions to find neighbours for: the params
     of a manual trigger, else the newest triggering event of the predictions asset."""

@@ -11,14 +11,18 @@
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import signal
+import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import pika
+import tenacity
 from elasticsearch import ApiError, Elasticsearch
 from elasticsearch import ConnectionError as EsConnectionError
 from elasticsearch import ConnectionTimeout
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_INDEX = "prodcat-dead-letters"
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+MAX_DEAD_BODY_CHARS = 10000
 
 # Field names per message kind: (version field, run field, {body key -> document field}).
 FIELDS = {
@@ -89,7 +94,7 @@ def update_action(index: str, msg: dict) -> Tuple[dict, dict]:
 
 
 class RateLimiter:
-    """Token bucket: ``acquire(n)`` blocks until ``n`` documents may go out."""
+    """Token bucket shared by the writer threads: ``acquire(n)`` blocks until ``n`` documents may go out."""
 
     def __init__(self, per_second: float, clock=time.monotonic, sleep=time.sleep):
         self.rate = per_second
@@ -97,18 +102,20 @@ class RateLimiter:
         self.tokens = self.capacity
         self.clock, self.sleep = clock, sleep
         self.last = clock()
+        self.lock = threading.Lock()
 
     def acquire(self, n: int) -> None:
         if self.rate <= 0:
             return
-        while True:
-            now = self.clock()
-            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= min(n, self.capacity):
-                self.tokens -= n
-                return
-            self.sleep((min(n, self.capacity) - self.tokens) / self.rate)
+        with self.lock:
+            while True:
+                now = self.clock()
+                self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+                self.last = now
+                if self.tokens >= min(n, self.capacity):
+                    self.tokens -= n
+                    return
+                self.sleep((min(n, self.capacity) - self.tokens) / self.rate)
 
 
 @dataclasses.dataclass
@@ -116,6 +123,8 @@ class Pending:
     delivery_tag: int
     body: bytes
     msg: Optional[dict] = None
+    outcome: str = ""  # applied | noop | dead_lettered, set by the writer
+    reason: str = ""
 
 
 @dataclasses.dataclass
@@ -126,40 +135,122 @@ class ConsumerSettings:
     bulk_size: int = 500
     flush_s: float = 2.0
     rate_limit_docs_per_s: float = 2000.0
-    prefetch: int = 1000
+    prefetch: int = 1500
+    concurrency: int = 2  # bulk requests in flight at once
     max_backoff_s: float = 30.0
     idle_exit_s: Optional[float] = None  # for one-shot runs: exit when the queue stays empty this long
 
 
+def _retryable(error: BaseException) -> bool:
+    if isinstance(error, (EsConnectionError, ConnectionTimeout)):
+        return True
+    return isinstance(error, ApiError) and error.meta.status in RETRYABLE_STATUS
+
+
+def es_retrying(max_backoff_s: float) -> tenacity.Retrying:
+    """Retries an Elasticsearch call while the cluster is unreachable or answers 429/5xx, forever,
+    with exponential backoff: an outage delays writes, it never drops them."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_retryable),
+        wait=tenacity.wait_exponential(multiplier=0.5, max=max_backoff_s),
+        before_sleep=lambda state: log.warning("Elasticsearch unavailable (%s); backing off", state.outcome.exception()),
+        reraise=True,
+    )
+
+
+class BulkWriter:
+    """The Elasticsearch side of the consumer; thread-safe, so that bulk requests overlap."""
+
+    def __init__(self, es: Elasticsearch, settings: ConsumerSettings):
+        self.es, self.s = es, settings
+        self.limiter = RateLimiter(settings.rate_limit_docs_per_s)
+
+    def retrying(self, call, *args: Any, **kwargs: Any) -> Any:
+        return es_retrying(self.s.max_backoff_s)(call, *args, **kwargs)
+
+    def dead_letter_record(self, item: Pending) -> dict:
+        record = {"reason": item.reason, "body": item.body.decode("utf-8", errors="replace")[:MAX_DEAD_BODY_CHARS]}
+        if item.msg is not None:
+            record.update({"id": item.msg["id"], "run_id": item.msg["run_id"], "kind": item.msg["kind"]})
+        return record
+
+    def write(self, batch: List[Pending]) -> List[Pending]:
+        """One bulk request (429/5xx items retried) until every item is applied or marked for the
+        dead-letter queue; dead letters are recorded in the dead-letter index here."""
+        todo: List[Pending] = []
+        for item in batch:
+            try:
+                item.msg = parse_message(item.body)
+                todo.append(item)
+            except PoisonMessage as e:
+                item.outcome, item.reason = "dead_lettered", str(e)
+        delay = 0.5
+        while todo:
+            self.limiter.acquire(len(todo))
+            operations: List[dict] = []
+            for item in todo:
+                operations.extend(update_action(self.s.index, item.msg))
+            response = self.retrying(self.es.bulk, operations=operations)
+            retry: List[Pending] = []
+            for item, result in zip(todo, response["items"]):
+                outcome = result["update"]
+                status = outcome.get("status", 500)
+                if status < 300 or status == 409:
+                    item.outcome = "noop" if outcome.get("result") == "noop" else "applied"
+                elif status in RETRYABLE_STATUS:
+                    retry.append(item)
+                else:
+                    error = outcome.get("error") or {}
+                    item.outcome, item.reason = "dead_lettered", f"http_{status}: {error.get('type')}: {error.get('reason')}"
+            todo = retry
+            if retry:
+                log.warning("%d items rejected with 429/5xx; retrying in %.1fs", len(retry), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.s.max_backoff_s)
+        dead = [self.dead_letter_record(item) for item in batch if item.outcome == "dead_lettered"]
+        if dead:
+            operations = [op for record in dead for op in ({"index": {"_index": DEAD_LETTER_INDEX}}, record)]
+            self.retrying(self.es.bulk, operations=operations)
+        return batch
+
+
 class Consumer:
+    """Reads the queue on the main thread (pika is not thread-safe) and hands bulk requests to
+    ``concurrency`` writer threads; acknowledges a batch, in delivery order, once all its items are
+    applied or dead-lettered."""
+
     def __init__(self, rabbit: RabbitConnection, es: Elasticsearch, settings: ConsumerSettings):
         self.rabbit, self.es, self.s = rabbit, es, settings
-        self.limiter = RateLimiter(settings.rate_limit_docs_per_s)
+        self.writer = BulkWriter(es, settings)
         self.stopping = False
         self.buffer: List[Pending] = []
-        self.stats = {"applied": 0, "noop": 0, "dead_lettered": 0, "retried": 0}
+        self.in_flight: Deque[concurrent.futures.Future] = collections.deque()
+        self.stats: Dict[str, float] = {"applied": 0, "noop": 0, "dead_lettered": 0, "first_message_at": 0.0, "last_ack_at": 0.0}
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
 
-    def run(self) -> Dict[str, int]:
+    def run(self) -> Dict[str, float]:
         """Consumes until SIGTERM/SIGINT (or ``idle_exit_s`` of silence); reconnects on failure."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        self._with_es_retry(lambda: ensure_index(self.es, DEAD_LETTER_INDEX, DEAD_LETTER_MAPPINGS))
-        while not self.stopping:
-            connection = connect_with_backoff(self.rabbit, max_wait_s=float("inf"))
-            try:
-                self._consume(connection)
-            except RECOVERABLE as e:
-                log.warning("RabbitMQ connection lost (%s); unacked messages will be redelivered", e)
-                self.buffer.clear()
-            finally:
-                if connection.is_open:
-                    connection.close()
+        self.writer.retrying(ensure_index, self.es, DEAD_LETTER_INDEX, DEAD_LETTER_MAPPINGS)
+        with concurrent.futures.ThreadPoolExecutor(self.s.concurrency, thread_name_prefix="bulk") as pool:
+            while not self.stopping:
+                connection = connect_with_backoff(self.rabbit, max_wait_s=float("inf"))
+                try:
+                    self._consume(connection, pool)
+                except RECOVERABLE as e:
+                    log.warning("RabbitMQ connection lost (%s); unacked messages will be redelivered", e)
+                    concurrent.futures.wait(self.in_flight)  # their writes are idempotent; redelivery repeats them
+                    self.in_flight.clear()
+                    self.buffer.clear()
+                finally:
+                    if connection.is_open:
+                        connection.close()
         return self.stats
 
-    def _consume(self, connection: pika.BlockingConnection) -> None:
+    def _consume(self, connection: pika.BlockingConnection, pool: concurrent.futures.Executor) -> None:
         channel = connection.channel()
         channel.confirm_delivery()
         declare_queues(channel, self.s.queue, self.s.dead_letter_queue)
@@ -170,90 +261,56 @@ class Consumer:
             nonlocal last_message
             self.buffer.append(Pending(method.delivery_tag, body))
             last_message = time.monotonic()
+            self.stats["first_message_at"] = self.stats["first_message_at"] or time.time()
 
         tag = channel.basic_consume(queue=self.s.queue, on_message_callback=on_message)
         while not self.stopping:
-            connection.process_data_events(time_limit=0.1)
+            connection.process_data_events(time_limit=0.05)
+            self._acknowledge(channel, wait=len(self.in_flight) >= self.s.concurrency)
             now = time.monotonic()
             if len(self.buffer) >= self.s.bulk_size or (self.buffer and now - last_flush >= self.s.flush_s):
-                self._flush(channel)
+                self._submit(pool)
                 last_flush = now
-            if self.s.idle_exit_s is not None and not self.buffer and now - last_message >= self.s.idle_exit_s:
+            idle = not self.buffer and not self.in_flight
+            if self.s.idle_exit_s is not None and idle and now - last_message >= self.s.idle_exit_s:
                 self.stopping = True
         channel.basic_cancel(tag)
         connection.process_data_events(time_limit=0)
-        self._flush(channel)
+        self._submit(pool)
+        while self.in_flight:
+            self._acknowledge(channel, wait=True)
 
-    def _dead_letter(self, channel, item: Pending, reason: str) -> None:
-        record = {"reason": reason, "body": item.body.decode("utf-8", errors="replace")[:10000]}
-        if item.msg is not None:
-            record.update({"id": item.msg["id"], "run_id": item.msg["run_id"], "kind": item.msg["kind"]})
-        channel.basic_publish(
-            exchange="",
-            routing_key=self.s.dead_letter_queue,
-            body=json.dumps(record).encode("utf-8"),
-            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, headers={"x-prodcat-reason": reason[:200]}),
-        )
-        self._with_es_retry(lambda: self.es.index(index=DEAD_LETTER_INDEX, document=record))
-        self.stats["dead_lettered"] += 1
-
-    def _with_es_retry(self, call):
-        delay = 0.5
-        while True:
-            try:
-                return call()
-            except (EsConnectionError, ConnectionTimeout) as e:
-                log.warning("Elasticsearch unavailable (%s); backing off %.1fs", e, delay)
-            except ApiError as e:
-                if e.meta.status not in RETRYABLE_STATUS:
-                    raise
-                log.warning("Elasticsearch answered %s; backing off %.1fs", e.meta.status, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, self.s.max_backoff_s)
-
-    def _flush(self, channel) -> None:
-        """Sends the buffer in bulk requests of at most ``bulk_size`` docs (and one second's worth of the
-        rate limit), so that a full prefetch window never reaches the cluster as one request."""
+    def _submit(self, pool: concurrent.futures.Executor) -> None:
+        """Hands the buffer to the writers in bulk requests of at most ``bulk_size`` docs (and one
+        second's worth of the rate limit), so that a full prefetch window never reaches the cluster as
+        one request."""
         batch, self.buffer = self.buffer, []
         chunk = self.s.bulk_size
         if self.s.rate_limit_docs_per_s > 0:
             chunk = max(1, min(chunk, int(self.s.rate_limit_docs_per_s)))
         for start in range(0, len(batch), chunk):
-            self._send(channel, batch[start:start + chunk])
+            self.in_flight.append(pool.submit(self.writer.write, batch[start:start + chunk]))
 
-    def _send(self, channel, batch: List[Pending]) -> None:
-        """Sends one bulk request (retrying 429/5xx items) until every item is applied or dead-lettered."""
-        todo: List[Pending] = []
-        for item in batch:
-            try:
-                item.msg = parse_message(item.body)
-                todo.append(item)
-            except PoisonMessage as e:
-                self._dead_letter(channel, item, str(e))
-                channel.basic_ack(item.delivery_tag)
-        delay = 0.5
-        while todo:
-            self.limiter.acquire(len(todo))
-            operations: List[dict] = []
-            for item in todo:
-                operations.extend(update_action(self.s.index, item.msg))
-            response = self._with_es_retry(lambda: self.es.bulk(operations=operations))
-            retry: List[Pending] = []
-            for item, result in zip(todo, response["items"]):
-                outcome = result["update"]
-                status = outcome.get("status", 500)
-                if status < 300 or status == 409:
-                    self.stats["noop" if outcome.get("result") == "noop" else "applied"] += 1
-                    channel.basic_ack(item.delivery_tag)
-                elif status in RETRYABLE_STATUS:
-                    retry.append(item)
-                else:
-                    error = outcome.get("error") or {}
-                    self._dead_letter(channel, item, f"http_{status}: {error.get('type')}: {error.get('reason')}")
-                    channel.basic_ack(item.delivery_tag)
-            todo = retry
-            if retry:
-                self.stats["retried"] += len(retry)
-                log.warning("%d items rejected with 429/5xx; retrying in %.1fs", len(retry), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, self.s.max_backoff_s)
+    def _acknowledge(self, channel, wait: bool) -> None:
+        """Dead-letters and acks finished batches in submission order (one ack for a whole batch);
+        with ``wait``, blocks for the oldest batch first (while servicing the connection)."""
+        while self.in_flight and (wait or self.in_flight[0].done()):
+            while not self.in_flight[0].done():
+                channel.connection.process_data_events(time_limit=0.05)
+            batch = self.in_flight.popleft().result()
+            wait = False
+            for item in batch:
+                if item.outcome == "dead_lettered":
+                    self._publish_dead_letter(channel, item)
+                self.stats[item.outcome] += 1
+            channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+            self.stats["last_ack_at"] = time.time()
+
+    def _publish_dead_letter(self, channel, item: Pending) -> None:
+        channel.basic_publish(
+            exchange="",
+            routing_key=self.s.dead_letter_queue,
+            body=json.dumps(self.writer.dead_letter_record(item)).encode("utf-8"),
+            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                            headers={"x-prodcat-reason": item.reason[:200]}),
+        )

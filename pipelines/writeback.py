@@ -1,0 +1,238 @@
+"""Making sure a run's updates end up in Elasticsearch: the reconciler behind ``wait_indexed`` and
+the dead-letter replay.
+
+The consumer acknowledges a message only after Elasticsearch accepted its update, but an accepted
+write can still be lost by the cluster (a node that dies before its translog is synced; the local
+stand-in loses writes it accepted in the second before it is stopped). So the run itself checks the
+outcome: when progress stalls with the queue empty, it compares the run's predictions/neighbours files
+with what Elasticsearch holds and re-publishes exactly the updates that are missing, a bounded number
+of times. Updates are versioned, so a re-published or replayed update never overwrites a newer one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Dict, Iterator, List, Optional, Set
+
+import pika
+from elasticsearch import Elasticsearch, helpers
+
+from pipelines.consumer import DEAD_LETTER_INDEX, FIELDS
+from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
+
+log = logging.getLogger(__name__)
+
+
+class NotWritten(RuntimeError):
+    """Updates that did not reach Elasticsearch after every re-publication."""
+
+    def __init__(self, kind: str, ids: List[str], attempts: int):
+        shown = ", ".join(sorted(ids)[:50]) + (" ..." if len(ids) > 50 else "")
+        super().__init__(f"{len(ids)} {kind} updates still missing after {attempts} re-publications: {shown}")
+        self.ids = ids
+
+
+def update_messages(kind: str, source_dir: str, run_id: str, version: int) -> Iterator[dict]:
+    """The update messages of a run's predictions or neighbours folder, one per product."""
+    if kind == "predictions":
+        from trainer.predict import read_predictions
+
+        for p in read_predictions(source_dir):
+            body = {"categories": p["categories"], "attributes": p["attributes"]}
+            yield message("predictions", p["id"], run_id, p["model_version"], version, body)
+    else:
+        from pipelines.neighbours import read_neighbours
+
+        for n in read_neighbours(source_dir):
+            yield message("neighbours", n["id"], run_id, None, version, {"neighbours": n["neighbours"]})
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one kind of a run's updates go, and how to tell they arrived."""
+
+    es: Elasticsearch
+    rabbit: RabbitConnection
+    index: str
+    queue: str
+    dead_letter_queue: str
+    kind: str
+    source_dir: str
+    run_id: str
+    version: int
+    publish_workers: int = 2
+    publish_batch_size: int = 500
+
+    @property
+    def version_field(self) -> str:
+        return FIELDS[self.kind][0]
+
+
+def _written_query(target: Target) -> dict:
+    return {"range": {target.version_field: {"gte": target.version}}}
+
+
+def _dead_letter_query(target: Target) -> dict:
+    return {"bool": {"filter": [{"term": {"run_id": target.run_id}}, {"term": {"kind": target.kind}}]}}
+
+
+def _refreshed(target: Target) -> bool:
+    """Refreshes both indices; False where there is no dead-letter index yet."""
+    target.es.indices.refresh(index=target.index)
+    if not target.es.indices.exists(index=DEAD_LETTER_INDEX):
+        return False
+    target.es.indices.refresh(index=DEAD_LETTER_INDEX)
+    return True
+
+
+def progress(target: Target) -> Dict[str, int]:
+    """Counts (cheap, no ids): products holding this run's update of ``kind`` (or a newer run's), and
+    this run's dead letters of ``kind``."""
+    has_dead_letters = _refreshed(target)
+    dead = target.es.count(index=DEAD_LETTER_INDEX, query=_dead_letter_query(target))["count"] if has_dead_letters else 0
+    return {"indexed": target.es.count(index=target.index, query=_written_query(target))["count"], "dead_lettered": dead}
+
+
+def settled_ids(target: Target) -> Set[str]:
+    """Products holding this run's update of ``kind`` (or a newer run's) or whose update of this run
+    was dead-lettered."""
+    has_dead_letters = _refreshed(target)
+    ids = {hit["_id"] for hit in helpers.scan(target.es, index=target.index, size=5000,
+                                               query={"query": _written_query(target), "_source": False})}
+    if has_dead_letters:
+        ids |= {hit["_source"]["id"] for hit in helpers.scan(target.es, index=DEAD_LETTER_INDEX,
+                                                             query={"query": _dead_letter_query(target), "_source": ["id"]})}
+    return ids
+
+
+def missing_ids(target: Target) -> Set[str]:
+    """Products of the run's file whose update is neither in Elasticsearch nor dead-lettered."""
+    settled = settled_ids(target)
+    return {m["id"] for m in update_messages(target.kind, target.source_dir, target.run_id, target.version)} - settled
+
+
+def ready_messages(rabbit: RabbitConnection, queue: str) -> int:
+    """Messages waiting in ``queue`` (a passive declare: never creates it)."""
+    connection = rabbit.connect()
+    try:
+        return connection.channel().queue_declare(queue=queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def republish(target: Target, ids: Set[str]) -> int:
+    """Publishes again exactly the run's updates of ``ids``; returns how many were sent."""
+    messages = (m for m in update_messages(target.kind, target.source_dir, target.run_id, target.version) if m["id"] in ids)
+    sent = publish_parallel(target.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers,
+                            target.publish_batch_size)
+    return sum(sent.values())
+
+
+@dataclasses.dataclass
+class ReconcileState:
+    """What one check of ``wait_indexed`` hands the next (a file between Airflow's rescheduled pokes)."""
+
+    published: int
+    done: int = -1
+    unchanged_checks: int = 0
+    attempts: List[dict] = dataclasses.field(default_factory=list)
+    finished: bool = False
+    counts: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict) -> "ReconcileState":
+        return cls(**value)
+
+
+def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts: int) -> ReconcileState:
+    """One check: counts what arrived; once progress has stalled for ``stall_checks`` checks with the
+    queue empty, re-publishes what is missing (at most ``max_attempts`` times, then raises
+    :class:`NotWritten` with the ids). Sets ``finished`` when every update is written or dead-lettered."""
+    state.counts = progress(target)
+    done = state.counts["indexed"] + state.counts["dead_lettered"]
+    if done >= state.published:
+        missing = missing_ids(target)  # the counts can include other runs' products; the ids decide
+        if not missing:
+            state.done, state.finished = done, True
+            return state
+    if done != state.done:
+        state.done, state.unchanged_checks = done, 0
+        log.info("%s: %d of %d updates written or dead-lettered", target.kind, done, state.published)
+        return state
+    state.unchanged_checks += 1
+    waiting = ready_messages(target.rabbit, target.queue)
+    if state.unchanged_checks < stall_checks or waiting:
+        if waiting and state.unchanged_checks >= stall_checks:
+            log.warning("%s: no progress at %d of %d while %d messages wait in %s: is the consumer running?",
+                        target.kind, done, state.published, waiting, target.queue)
+        return state
+    missing = missing_ids(target)
+    if len(state.attempts) >= max_attempts:
+        raise NotWritten(target.kind, sorted(missing), len(state.attempts))
+    sent = republish(target, missing)
+    state.attempts.append({"attempt": len(state.attempts) + 1, "missing": len(missing), "republished": sent})
+    state.unchanged_checks = 0
+    log.warning("%s: progress stalled at %d of %d with the queue empty; re-published %d missing updates (attempt %d)",
+                target.kind, done, state.published, sent, len(state.attempts))
+    return state
+
+
+def replay_dead_letters(
+    rabbit: RabbitConnection,
+    queue: str,
+    dead_letter_queue: str,
+    run_id: Optional[str] = None,
+    reason_contains: Optional[str] = None,
+    batch_size: int = 500,
+) -> Dict[str, int]:
+    """Moves the dead letters that match (all, or those of ``run_id`` / with ``reason_contains``) back
+    to the update queue, as Logstash's dead-letter-queue input does after a fix; the others stay.
+
+    Each replayed letter is published to ``queue`` in a committed transaction before it is acked on
+    the dead-letter queue, so a crash in between duplicates a (versioned, harmless) update and loses
+    none. A letter whose original message is not JSON is replayed as it was, and the consumer
+    dead-letters it again if it is still bad.
+    """
+    connection = rabbit.connect()
+    counts = {"replayed": 0, "kept": 0}
+    try:
+        source = connection.channel()
+        declare_queues(source, queue, dead_letter_queue)
+        target = connection.channel()
+        target.tx_select()
+        waiting = source.queue_declare(queue=dead_letter_queue, passive=True).method.message_count
+        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json")
+        taken: List[int] = []
+        kept: List[int] = []
+
+        def commit() -> None:
+            target.tx_commit()
+            for tag in taken:
+                source.basic_ack(tag)
+            counts["replayed"] += len(taken)
+            taken.clear()
+
+        for _ in range(waiting):  # each letter once: those kept go back only after the pass
+            method, _props, body = source.basic_get(dead_letter_queue, auto_ack=False)
+            if method is None:
+                break
+            record = json.loads(body)
+            if (run_id and record.get("run_id") != run_id) or (reason_contains and reason_contains not in record.get("reason", "")):
+                kept.append(method.delivery_tag)
+                continue
+            target.basic_publish(exchange="", routing_key=queue, body=record["body"].encode("utf-8"), properties=properties)
+            taken.append(method.delivery_tag)
+            if len(taken) >= batch_size:
+                commit()
+        commit()
+        for tag in kept:
+            source.basic_nack(tag, requeue=True)
+        counts["kept"] = len(kept)
+    finally:
+        connection.close()
+    log.info("dead letters: %d replayed to %s, %d kept", counts["replayed"], queue, counts["kept"])
+    return counts
