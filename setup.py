@@ -15,6 +15,10 @@ setup(
     description="Keeps a large e-commerce catalogue categorised: Elasticsearch -> Beam/TFT -> TF -> ScaNN -> RabbitMQ -> Elasticsearch",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipelines", "pipelines.*", "trainer", "trainer.*"]),
+    package_data={"pipelines.report": ["templates/*.j2"]},
     install_requires=REQUIREMENTS,
-    entry_points={"console_scripts": ["prodcat=pipelines.cli:main"]},
+    entry_points={
+        "console_scripts": ["prodcat=pipelines.cli:main"],
+        "airflow.plugins": ["prodcat=pipelines.airflow_plugin:ProdcatPlugin"],
+    },
 )

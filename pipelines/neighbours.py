@@ -234,7 +234,8 @@ def compute_neighbours(
                 | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
                 | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
             )
-        summary = {"counters": beam_counters(p.result, NAMESPACE), "k": settings.k, "group_level": settings.group_level}
+        summary = {"counters": beam_counters(p.result, NAMESPACE), "k": settings.k, "group_level": settings.group_level,
+                   "preprocess_dir": preprocess_dir, "predict_dir": predict_dir}
         storage.write_json(storage.join(tmp, "summary.json"), summary)
     log.info("neighbours: %s", summary)
     return summary

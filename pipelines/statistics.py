@@ -15,6 +15,7 @@ from pipelines.preprocess import read_clean_rows
 log = logging.getLogger(__name__)
 
 STATISTICS_FILE = "statistics.json"
+PREVIOUS_FILE = "previous_statistics.json"  # what this run was compared with, for the run report
 
 
 class DataAnomalyError(ValueError):
@@ -104,6 +105,8 @@ def validate(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, previous: Op
               "compared_with_version": previous["version"] if previous else None}
     with storage.atomic_stage(out_dir) as tmp:
         storage.write_json(storage.join(tmp, STATISTICS_FILE), result)
+        if previous is not None:
+            storage.write_json(storage.join(tmp, PREVIOUS_FILE), previous)
     for message in anomalies:
         log.warning("data anomaly: %s", message)
     if failing:

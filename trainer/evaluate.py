@@ -2,14 +2,16 @@
 and the blessing gate that decides whether it replaces the current model."""
 from __future__ import annotations
 
+import io
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from pipelines import storage
 from pipelines.config import FeatureConfig
 from pipelines.preprocess import read_clean_rows
+from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.predict import score_batches
@@ -18,19 +20,39 @@ from trainer.serving import ServingModel
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+SCORES_FILE = "scores.npz"
 BLESSED_FILE = "blessed.json"
 
 
-def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, split: str = "test") -> Dict[str, Any]:
-    """Metrics of the served model on ``split``: ``{"rule_labels": .., "ground_truth": .., "attributes": ..}``."""
+def write_scores(path: str, ids: List[str], raw_scores: np.ndarray, thresholds: np.ndarray, tree: CategoryTree,
+                 rule_truth: np.ndarray, true_truth: np.ndarray) -> None:
+    """The split's raw category scores and both label sets (``.npz``), for the run report's
+    per-category tables, precision-recall curves and reliability plot."""
+    with storage.open_write(path) as f:
+        np.savez_compressed(f, ids=np.asarray(ids), categories=np.asarray(tree.ids), scores=raw_scores.astype(np.float32),
+                            thresholds=np.asarray(thresholds, dtype=np.float32), rule_labels=rule_truth, ground_truth=true_truth)
+
+
+def read_scores(path: str) -> Dict[str, np.ndarray]:
+    with storage.open_read(path) as f:
+        with np.load(io.BytesIO(f.read())) as data:
+            return {k: data[k] for k in data.files}
+
+
+def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, split: str = "test",
+                   scores_path: Optional[str] = None) -> Dict[str, Any]:
+    """Metrics of the served model on ``split``: ``{"rule_labels": .., "ground_truth": .., "attributes": ..}``;
+    with ``scores_path``, also the split's scores and labels (:func:`write_scores`)."""
     model = ServingModel.load(model_dir)
     tree = model.tree
     rows = (r for r in read_clean_rows(preprocess_dir) if r["split"] == split)
-    scores, positives, rule_sets, true_sets = [], [], [], []
+    ids, raw, scores, positives, rule_sets, true_sets = [], [], [], [], [], []
     attr_hits = {a.name: [0, 0] for a in cfg.labels.attributes}
     vocab = model.attribute_values()
     for batch, outputs in score_batches(cfg, model, rows):
         positive, closed = decide(outputs["category_scores"], model.thresholds, tree)
+        ids.extend(r["id"] for r in batch)
+        raw.append(outputs["category_scores"])
         scores.append(closed)
         positives.append(positive)
         rule_sets.extend(r["rule_categories"] or [] for r in batch)
@@ -46,12 +68,15 @@ def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, spli
     if not scores:
         return {"split": split, "examples": 0}
     s, p = np.concatenate(scores), np.concatenate(positives)
+    rule_truth, true_truth = truth_matrix(tree, rule_sets), truth_matrix(tree, true_sets)
+    if scores_path is not None:
+        write_scores(scores_path, ids, np.concatenate(raw), model.thresholds, tree, rule_truth, true_truth)
     return {
         "split": split,
         "examples": int(len(s)),
         "model_version": model.card["model_version"],
-        "rule_labels": evaluate_predictions(s, p, truth_matrix(tree, rule_sets), tree),
-        "ground_truth": evaluate_predictions(s, p, truth_matrix(tree, true_sets), tree),
+        "rule_labels": evaluate_predictions(s, p, rule_truth, tree),
+        "ground_truth": evaluate_predictions(s, p, true_truth, tree),
         "attributes": {k: {"accuracy": h / n if n else None, "examples": n} for k, (h, n) in attr_hits.items()},
     }
 
