@@ -121,7 +121,9 @@ def gather(cfg: FeatureConfig, run_dir: str, out_dir: str) -> Dict[str, Any]:
         categorisation_dir = posixpath.dirname(neighbours_summary["preprocess_dir"].rstrip("/"))
         context["categorisation_report"] = _relative_link(storage.join(categorisation_dir, REPORT_STAGE, REPORT_FILE), out_dir)
     context["categorisation_dir"] = categorisation_dir
-    context["stages"] = {**stage_summaries(categorisation_dir), **stage_summaries(run_dir)}
+    runs = [categorisation_dir] if categorisation_dir == run_dir else [categorisation_dir, run_dir]
+    context["stages"] = [{"run": posixpath.basename(posixpath.dirname(folder.rstrip("/"))), "stage": stage, "counts": counts}
+                         for folder in runs for stage, counts in stage_summaries(folder).items()]
     preprocess_dir = storage.join(categorisation_dir, "preprocess")
     categories_path = storage.join(preprocess_dir, "categories.json")
     tree = CategoryTree.from_records(storage.read_json(categories_path)) if storage.exists(categories_path) else None

@@ -15,6 +15,7 @@ TASK_STAGES = {
     "evaluate": "evaluation",
     "predict": "predict",
     "publish": "publish",
+    "wait_indexed": "indexed",
     "neighbours": "neighbours",
     "report": "report",
 }
@@ -83,6 +84,15 @@ def _publish(run_dir: str) -> Optional[str]:
     return s and f"{s['sent']} updates sent"
 
 
+def _indexed(run_dir: str) -> Optional[str]:
+    s = read_stage_json(run_dir, "indexed", "summary.json")
+    if not s:
+        return None
+    counts = s.get("counts", {})
+    return (f"{counts.get('indexed', 0)} indexed, {counts.get('dead_lettered', 0)} dead-lettered, "
+            f"{len(s.get('attempts', []))} re-publishes")
+
+
 def _neighbours(run_dir: str) -> Optional[str]:
     s = read_stage_json(run_dir, "neighbours", "summary.json")
     if not s:
@@ -99,6 +109,7 @@ SUMMARIES: Dict[str, Callable[[str], Optional[str]]] = {
     "evaluation": _evaluation,
     "predict": _predict,
     "publish": _publish,
+    "indexed": _indexed,
     "neighbours": _neighbours,
 }
 
