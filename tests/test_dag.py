@@ -50,13 +50,14 @@ def test_task_graph(dag):
         "predict": ["evaluate", "preprocess"],
         "publish": ["predict"],
         "wait_indexed": ["publish"],
+        "report": ["wait_indexed"],
     }
 
 
 def test_visual_neighbours_dag_runs_on_new_predictions(bag):
     similar = bag.dags["prodcat_visual_neighbours"]
     assert {t.task_id: sorted(t.upstream_task_ids) for t in similar.tasks} == {
-        "neighbours": [], "publish": ["neighbours"], "wait_indexed": ["publish"]}
+        "neighbours": [], "publish": ["neighbours"], "wait_indexed": ["publish"], "report": ["wait_indexed"]}
     (predict_outlet,) = bag.dags["prodcat_categorise"].get_task("predict").outlets
     assert [a.uri for a in similar.timetable.asset_condition.objects] == [predict_outlet.uri]
 

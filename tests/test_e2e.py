@@ -1,5 +1,7 @@
 """End to end: seed the in-repo slice, run the whole DAG (``airflow dags test``) with a consumer
 against the real local services, then check Elasticsearch document by document."""
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -33,11 +35,14 @@ def dag_run(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
         env = airflow_env(work / "airflow", str(work / "data"), es_url, "127.0.0.1", 5672)
         env["AIRFLOW_CONN_PRODCAT_RABBITMQ"] = json.dumps(
             {"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest", "password": "guest", "schema": rabbit_vhost.virtual_host})
-        run_dir, neighbours_run_dir = run_dags(env, str(work / "data"), {"model_type": "ffn"}, "2026-11-22T00:00:00+00:00")
+        # as the demo runs them: Airflow's output into a log file, one line per task printed
+        with open(work / "airflow.log", "w") as log, contextlib.redirect_stdout(io.StringIO()) as printed:
+            run_dir, neighbours_run_dir = run_dags(env, str(work / "data"), {"model_type": "ffn"}, "2026-11-22T00:00:00+00:00", log)
     finally:
         consumer.terminate()
         consumer.wait(timeout=120)
-    return {"es": es, "before": before, "after": all_docs(es, "products"), "run_dir": run_dir, "neighbours_run_dir": neighbours_run_dir}
+    return {"es": es, "before": before, "after": all_docs(es, "products"), "run_dir": run_dir, "neighbours_run_dir": neighbours_run_dir,
+            "env": env, "printed": printed.getvalue().splitlines(), "log": work / "airflow.log"}
 
 
 def test_every_product_has_predictions_with_ancestors_and_scores(dag_run):
@@ -116,3 +121,56 @@ def test_evaluation_recorded_in_file_and_elasticsearch(dag_run):
         assert {"precision_at_1", "recall_at_5", "hierarchical_f1"} <= set(metrics[against])
     doc = dag_run["es"].get(index="prodcat-model-metrics", id=dag_run["run_dir"].name)["_source"]
     assert doc["ground_truth"]["hierarchical_f1"] == metrics["ground_truth"]["hierarchical_f1"]
+
+
+# What the Airflow UI does on a DAG run's page: list the plugins' external views through the API
+# server, fill in the run's {DAG_ID}/{RUN_ID} and load the "Run report" tab's address.
+UI_LINK = """
+import json, sys, urllib.parse
+from fastapi.testclient import TestClient
+from airflow.api_fastapi.app import create_app
+from airflow.models.dagrun import DagRun
+from airflow.utils.session import create_session
+
+client = TestClient(create_app())
+plugins = client.get("/api/v2/plugins").json()["plugins"]
+(view,) = [v for p in plugins if p["name"] == "prodcat" for v in p["external_views"]]
+assert view["destination"] == "dag_run", view
+out = {}
+with create_session() as session:
+    runs = {dag_id: session.query(DagRun).filter(DagRun.dag_id == dag_id).one().run_id for dag_id in sys.argv[2:]}
+for dag_id, run_id in runs.items():
+    href = view["href"].replace("{DAG_ID}", urllib.parse.quote(dag_id, safe="")).replace("{RUN_ID}", urllib.parse.quote(run_id, safe=""))
+    response = client.get(href)
+    out[dag_id] = {"href": href, "status": response.status_code, "html": response.text}
+with open(sys.argv[1], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_report_written_for_both_runs_and_the_airflow_ui_link_resolves_to_it(dag_run, tmp_path):
+    reports = {"prodcat_categorise": dag_run["run_dir"] / "report", "prodcat_visual_neighbours": dag_run["neighbours_run_dir"] / "report"}
+    for folder in reports.values():
+        assert (folder / "_SUCCESS").exists()
+    categorisation = (reports["prodcat_categorise"] / "index.html").read_text(encoding="utf-8")
+    assert 'id="levels-table"' in categorisation and 'id="category-table"' in categorisation and 'id="statistics"' in categorisation
+    neighbours = (reports["prodcat_visual_neighbours"] / "index.html").read_text(encoding="utf-8")
+    assert neighbours.count('<img src="data:image/jpeg;base64,') >= 8 * 5 and 'id="levels-table"' in neighbours
+
+    env = {**dag_run["env"], "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
+    subprocess.run([sys.executable, "-c", UI_LINK, str(tmp_path / "ui.json"), *reports], env=env, check=True, cwd=REPO)
+    resolved = json.loads((tmp_path / "ui.json").read_text())
+    for dag_id, folder in reports.items():
+        assert resolved[dag_id]["href"].startswith(f"/prodcat/reports/{dag_id}/manual__")
+        assert resolved[dag_id]["status"] == 200
+        assert resolved[dag_id]["html"] == (folder / "index.html").read_text(encoding="utf-8")
+
+
+def test_quiet_run_prints_one_line_per_task_and_logs_the_rest(dag_run):
+    printed = dag_run["printed"]
+    tasks = [line.split()[0] for line in printed if line.startswith("  ")]
+    assert tasks == ["dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "publish", "wait_indexed", "report",
+                     "neighbours", "publish", "wait_indexed", "report"]
+    assert len(printed) == len(tasks) + 2 and all(line.endswith(" s") for line in printed if line.startswith("  "))
+    assert next(line for line in printed if line.startswith("  dump")).split()[1:3] == ["400", "products,"]
+    assert len(dag_run["log"].read_text().splitlines()) > 100  # Airflow's, TensorFlow's and Beam's output
