@@ -5,7 +5,7 @@ same text cleaning and brand extraction to raw serving inputs as training did.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -52,6 +52,29 @@ def brand_from_title(cleaned_title: tf.Tensor) -> tf.Tensor:
     return tf.where(has_gender, before_gender, first_word)
 
 
+def word_ngrams(text: tf.Tensor, ngram_range: Tuple[int, int]) -> tf.RaggedTensor:
+    """Space-joined word n-grams of each cleaned text, shortest first
+    ("red tee", (1, 2) -> ["red", "tee", "red tee"])."""
+    words = tf.strings.split(text)
+    return tf.concat([tf.strings.ngrams(words, n, separator=" ") for n in range(ngram_range[0], ngram_range[1] + 1)], axis=1)
+
+
+def char_ngrams(text: tf.Tensor, ngram_range: Tuple[int, int]) -> tf.RaggedTensor:
+    """Character n-grams inside each word padded with a space on both sides, so misspelt and
+    unseen words still share pieces with known ones ("tee", (3, 3) -> [" te", "tee", "ee "])."""
+    words = tf.strings.split(text)
+    padded = tf.ragged.map_flat_values(lambda w: tf.strings.join([" ", w, " "]), words)
+    chars = tf.strings.unicode_split(padded, "UTF-8")
+    grams = [tf.strings.ngrams(chars, n, separator="").merge_dims(1, 2) for n in range(ngram_range[0], ngram_range[1] + 1)]
+    return tf.concat(grams, axis=1)
+
+
+def text_tokens(inp: TextInput, cleaned: tf.Tensor) -> tf.RaggedTensor:
+    """The tokens a text input's vocabulary counts: word or character n-grams (``inp.tokens``)."""
+    lengths = (inp.ngram_range[0], inp.ngram_range[1])
+    return char_ngrams(cleaned, lengths) if inp.tokens == "char_ngrams" else word_ngrams(cleaned, lengths)
+
+
 def raw_feature_spec(cfg: FeatureConfig, num_categories: int, with_labels: bool = True) -> Dict[str, tf.io.FixedLenFeature]:
     """The raw (pre-transform) features; without labels it is the serving input."""
     spec: Dict[str, object] = {}
@@ -85,7 +108,7 @@ def make_preprocessing_fn(cfg: FeatureConfig) -> Callable[[Dict[str, tf.Tensor]]
         for inp in cfg.inputs:
             if isinstance(inp, TextInput):
                 text = tf.strings.substr(clean_text(inputs[inp.source]), 0, inp.max_chars, unit="UTF8_CHAR")
-                tokens = tf.strings.split(text).to_sparse()
+                tokens = text_tokens(inp, text).to_sparse()
                 ids = tft.compute_and_apply_vocabulary(
                     tokens, top_k=inp.vocab_size, num_oov_buckets=inp.oov_buckets, vocab_filename=inp.name
                 )

@@ -87,3 +87,34 @@ def test_clean_text_gives_the_same_tokens_for_retailer_delimiters(raw):
 )
 def test_brand_from_title(title, brand):
     assert features.brand_from_title(features.clean_text(tf.constant(title))).numpy() == brand
+
+
+def text_only_config(**title):
+    return parse_config({**CONFIG, "inputs": [{"name": "title", "kind": "text", "source": "title", "vocab_size": 10, **title}]})
+
+
+def test_word_bigrams_exact_outputs():
+    out = run_transform([row("Red Tee", "Men", None), row("red tee top", "Men", None)], text_only_config(ngram_range=[1, 2]))
+    # Counts: red 2, tee 2, "red tee" 2, top 1, "tee top" 1; ties by token, descending:
+    # tee=0, "red tee"=1, red=2, top=3, "tee top"=4. idf = 1 + ln((1 + 2) / (1 + df)).
+    idf1 = 1 + np.log(3 / 2)
+    assert list(out[0]["title_ids"]) == [0, 1, 2]
+    np.testing.assert_allclose(out[0]["title_weights"], [1 / 3] * 3, rtol=1e-5)
+    assert list(out[1]["title_ids"]) == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(out[1]["title_weights"], [1 / 5, 1 / 5, 1 / 5, idf1 / 5, idf1 / 5], rtol=1e-5)
+
+
+def test_char_ngrams_exact_outputs():
+    out = run_transform([row("Tee", "Men", None), row("tees!", "Men", None)], text_only_config(tokens="char_ngrams", ngram_range=[3, 3]))
+    # Words padded with spaces: " te", "tee", "ee " | " te", "tee", "ees", "es ". Counts 2: "tee"=0, " te"=1;
+    # counts 1, by token descending: "es "=2, "ees"=3, "ee "=4.
+    idf1 = 1 + np.log(3 / 2)
+    assert list(out[0]["title_ids"]) == [0, 1, 4]
+    np.testing.assert_allclose(out[0]["title_weights"], [1 / 3, 1 / 3, idf1 / 3], rtol=1e-5)
+    assert list(out[1]["title_ids"]) == [0, 1, 2, 3]
+    np.testing.assert_allclose(out[1]["title_weights"], [1 / 4, 1 / 4, idf1 / 4, idf1 / 4], rtol=1e-5)
+
+
+def test_char_ngrams_stay_within_words():
+    grams = features.char_ngrams(tf.constant(["ab cd", ""]), (3, 4)).to_list()
+    assert grams == [[b" ab", b"ab ", b" cd", b"cd ", b" ab ", b" cd "], []]

@@ -1,5 +1,6 @@
 """Model construction, losses, tree decisions, thresholds, metrics, and the raw-input export."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import CATEGORIES, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
-from trainer.train import choose_thresholds
+from pipelines.preprocess import label_vectors
+from trainer.train import choose_thresholds, pseudo_labels
 
 from conftest import REPO
 
@@ -30,8 +32,8 @@ def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_typ
     model = build_model(small, len(TREE), {"brand": 5, "gender": 3}, {"colour": 4, "season": 2, "usage": 3})
     batch = 3
     inputs = {
-        "title_ids": tf.sparse.from_dense(tf.constant([[1, 2], [3, 0], [0, 0]], tf.int64)),
-        "title_weights": tf.sparse.from_dense(tf.constant([[0.5, 0.5], [1.0, 0], [0, 0]], tf.float32)),
+        **{f"{i.name}_ids": tf.sparse.from_dense(tf.constant([[1, 2], [3, 0], [0, 0]], tf.int64)) for i in cfg.inputs_of("text")},
+        **{f"{i.name}_weights": tf.sparse.from_dense(tf.constant([[0.5, 0.5], [1.0, 0], [0, 0]], tf.float32)) for i in cfg.inputs_of("text")},
         "brand_ids": tf.constant([0, 4, 5], tf.int64),
         "gender_ids": tf.constant([0, 1, 3], tf.int64),
         "image": tf.random.normal([batch, 1280]),
@@ -90,6 +92,14 @@ def test_no_positive_gives_the_most_likely_path_flagged_unconfident():
     assert not any(e["confident"] for e in entries)
 
 
+def test_kept_rule_labels_are_positive_and_the_model_adds_what_they_miss():
+    scores = _scores(A=0.2, A_A1=0.3, A_A1_A1x=0.1, B=0.9, B_B1=0.9, B_B1_B1x=0.9)
+    rules = truth_matrix(TREE, [["A > A1"]])
+    positive, closed = decide(scores, np.full(len(TREE), 0.5, np.float32), TREE, rules)
+    assert [TREE.ids[i] for i in np.flatnonzero(positive[0])] == ["A", "B", "A > A1", "B > B1", "B > B1 > B1x"]
+    assert closed[0, TREE.index["A > A1"]] == 1.0 and closed[0, TREE.index["A > A1 > A1x"]] == pytest.approx(0.1)
+
+
 def test_thresholds_reach_target_precision_on_known_labels():
     scores = np.array([[0.9], [0.8], [0.7], [0.6], [0.4]], dtype=np.float32)
     labels = np.array([[1], [1], [0], [1], [0]], dtype=np.float32)
@@ -98,6 +108,8 @@ def test_thresholds_reach_target_precision_on_known_labels():
     assert choose_thresholds(scores, labels, mask, 0.75, 0.3)[0] == pytest.approx(0.6)
     mask[2] = 0  # the 0.7 negative is unknown, not a negative
     assert choose_thresholds(scores, labels, mask, 1.0, 0.3)[0] == pytest.approx(0.6)
+    mask[2] = 1  # no target: the best-F1 threshold (0.6: F1 6/7 against 0.8 at 4/5)
+    assert choose_thresholds(scores, labels, mask, None, 0.3)[0] == pytest.approx(0.6)
 
 
 def test_metrics_against_truth_per_level_and_hierarchical():
@@ -134,3 +146,99 @@ def test_blessing_gate_keeps_the_better_model_unless_forced(tmp_path):
     assert bless(metrics(0.7, "v2"), metric, blessed_path, "m/v2", force=True)["blessed"]
     assert storage.read_json(blessed_path)["model_dir"] == "m/v2"
     assert bless(metrics(0.75, "v3"), metric, blessed_path, "m/v3", force=False)["blessed"]
+
+
+def test_pseudo_labels_fill_only_what_rules_left_open_and_agree_with_them():
+    rules = [["A > A1 > A1x"], ["A > A1"], [], []]
+    labels, masks = map(np.array, zip(*(label_vectors(TREE, r) for r in rules)))
+    scores = np.zeros((4, len(TREE)), np.float32)
+    leaf = {name: TREE.index[name] for name in ("A > A1 > A1x", "A > A1 > A1y", "A > A2 > A2x", "B > B1 > B1x")}
+    scores[0, leaf["B > B1 > B1x"]] = 0.99  # a rule label at the finest level is kept whatever the score
+    scores[1, [leaf["A > A1 > A1y"], leaf["B > B1 > B1x"]]] = [0.95, 0.99]  # B1x disagrees with the rule "A > A1"
+    scores[2, [leaf["B > B1 > B1x"], leaf["A > A2 > A2x"]]] = [0.97, 0.5]
+    scores[3, leaf["A > A2 > A2x"]] = 0.6  # below min_score: stays unlabelled
+    targets, added = pseudo_labels(scores, labels, masks, TREE, min_score=0.9)
+    assert added == 2
+    new_labels, new_masks = np.split(targets, 2, axis=1)
+    np.testing.assert_array_equal(new_labels[0], labels[0])
+    np.testing.assert_array_equal(new_masks[0], masks[0])
+    np.testing.assert_array_equal(new_labels[1], truth_matrix(TREE, [["A > A1 > A1y"]])[0])
+    np.testing.assert_array_equal(new_labels[2], truth_matrix(TREE, [["B > B1 > B1x"]])[0])
+    assert new_masks[1].all() and new_masks[2].all()
+    np.testing.assert_array_equal(new_labels[3], labels[3])
+    np.testing.assert_array_equal(new_masks[3], masks[3])
+
+
+SYNTHETIC_WORDS = {"A > A1 > A1x": "alpha tee", "A > A1 > A1y": "alpha shirt", "A > A2 > A2x": "kilt", "B > B1 > B1x": "beta shoe"}
+
+
+def synthetic_rules(true: str, n: int) -> list:
+    """Rules label 3 products in 5 at the finest level, 1 only at level 2, and miss 1."""
+    return [] if n % 5 == 0 else [true.rsplit(" > ", 1)[0]] if n % 5 == 4 else [true]
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, tmp_path_factory):
+    """A synthetic catalogue (no images) preprocessed by the real pipeline, and a small model
+    trained on it with self-training, golden-set thresholds and null-evidence examples.
+    Records which transformed files each dataset of the training run was built from."""
+    import gzip
+
+    from pipelines import storage
+    from pipelines.preprocess import preprocess
+    from trainer import train as train_module
+
+    root = tmp_path_factory.mktemp("tiny")
+    small = cfg.replace_model(hidden_units=[16], epochs=30, batch_size=16, learning_rate=0.01, self_training_rounds=1, self_training_min_score=0.5,
+                              self_training_epochs=2, null_evidence_share=0.1, threshold_labels="golden")
+    small = dataclasses.replace(small, inputs=tuple(i for i in small.inputs if i.kind != "image"))
+    docs = []
+    for n in range(240):
+        true, words = list(SYNTHETIC_WORDS.items())[n % 4]
+        title = f"Brand{n % 7} {'Men' if n % 2 else 'Women'} {['Red', 'Blue', 'Green'][n % 3]} {words}"
+        docs.append({"id": f"p{n}", "title": title, "gender": "Men" if n % 2 else "Women", "base_colour": "Red",
+                     "season": "Summer", "usage": "Casual", "true_category": true, "rule_categories": synthetic_rules(true, n)})
+    with storage.atomic_stage(str(root / "dump")) as tmp:
+        with gzip.open(f"{tmp}/products-00000-of-00001.jsonl.gz", "wb") as f:
+            f.write(b"\n".join(json.dumps(d).encode() for d in docs) + b"\n")
+        storage.write_json(f"{tmp}/categories.json", TREE.to_records())
+    preprocess(small, str(root / "dump"), str(root / "pre"), str(root / "cache"), ["--runner=DirectRunner"])
+
+    built = []
+    original = train_module.make_dataset
+
+    def recording_make_dataset(cfg_, tft_output, files, batch_size, shuffle, only_labelled, targets=None, extra=None):
+        built.append({"files": list(files), "shuffle": shuffle})
+        return original(cfg_, tft_output, files, batch_size, shuffle, only_labelled, targets, extra)
+
+    train_module.make_dataset = recording_make_dataset
+    try:
+        card = train_module.train(small, str(root / "pre"), str(root / "model"), "v1", "r1")
+    finally:
+        train_module.make_dataset = original
+    return small, str(root / "model"), card, built
+
+
+def test_self_training_never_trains_on_the_test_split(trained):
+    _, _, card, built = trained
+    assert card["self_training"] and card["self_training"][0]["pseudo_labelled"] > 0
+    training = [d for d in built if d["shuffle"]]
+    assert len(training) == 2  # the first fit and the self-training round
+    for d in built:
+        assert d["files"] and not any("/test-" in f for f in d["files"])
+    assert all(f.rsplit("/", 1)[1].startswith("train-") for d in training for f in d["files"])
+
+
+def test_a_title_of_only_unknown_tokens_is_not_confident(trained):
+    from trainer.serving import ServingModel, raw_batch
+
+    small, model_dir, _, _ = trained
+    model = ServingModel.load(model_dir)
+    rows = [{"title": "👕 衬衫 シャツ", "gender": "Men"}, {"title": "Brand3 Men Red kilt", "gender": "Men"}]
+    scores = model.predict(raw_batch(small, rows))["category_scores"]
+    positive, closed = decide(scores, model.thresholds, model.tree)
+    unknown, known = (category_entries(closed[i], positive[i], model.tree) for i in range(2))
+    assert not any(e["confident"] for e in unknown)
+    # the control: a known title's best path is its category, scored far above anything unknown
+    assert [e["id"] for e in known if e["score"] == max(x["score"] for x in known if x["level"] == e["level"])][-1] == "A > A2 > A2x"
+    assert scores[1, model.tree.index["A > A2 > A2x"]] > 10 * scores[0].max()

@@ -50,7 +50,7 @@ def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, spli
     attr_hits = {a.name: [0, 0] for a in cfg.labels.attributes}
     vocab = model.attribute_values()
     for batch, outputs in score_batches(cfg, model, rows):
-        positive, closed = decide(outputs["category_scores"], model.thresholds, tree)
+        positive, closed = decide(outputs["category_scores"], model.thresholds, tree, model.rule_labels(batch))
         ids.extend(r["id"] for r in batch)
         raw.append(outputs["category_scores"])
         scores.append(closed)

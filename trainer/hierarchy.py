@@ -1,19 +1,28 @@
 """Decisions over the category tree: thresholds, then ancestor closure.
 
 A positive at a lower level makes every ancestor positive (with at least its score), and
-a negative lower down never removes a positive above it.
+a negative lower down never removes a positive above it. Where the model keeps rule labels
+(``model.keep_rule_labels``), the rules' categories of a product are positives too.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from pipelines.taxonomy import CategoryTree
 
 
-def decide(scores: np.ndarray, thresholds: np.ndarray, tree: CategoryTree) -> Tuple[np.ndarray, np.ndarray]:
-    """``(positive [N, C] bool, scores [N, C])`` after closing positives under ancestors."""
+def decide(
+    scores: np.ndarray, thresholds: np.ndarray, tree: CategoryTree, rule_labels: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(positive [N, C] bool, scores [N, C])`` after closing positives under ancestors.
+
+    ``rule_labels`` (``[N, C]`` bool), where given, are kept: a category the rules gave a
+    product is positive with score 1, and the model adds what the rules missed.
+    """
+    if rule_labels is not None:
+        scores = np.where(rule_labels, np.float32(1.0), scores)
     positive = scores >= thresholds[None, :]
     closed = scores.copy()
     for cid in sorted(tree.ids, key=tree.level_of, reverse=True):

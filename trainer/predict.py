@@ -53,7 +53,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
     with storage.atomic_stage(out_dir) as tmp:
         with storage.open_write(storage.join(tmp, PREDICTIONS_FILE)) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             for rows, outputs in score_batches(cfg, model, read_clean_rows(preprocess_dir), batch_size):
-                positive, closed = decide(outputs["category_scores"], model.thresholds, model.tree)
+                positive, closed = decide(outputs["category_scores"], model.thresholds, model.tree, model.rule_labels(rows))
                 for i, row in enumerate(rows):
                     record = {
                         "id": row["id"],

@@ -6,7 +6,7 @@ is exactly what is served.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -73,6 +73,16 @@ class ServingModel:
     @property
     def thresholds(self) -> np.ndarray:
         return np.asarray(self.card["thresholds"], dtype=np.float32)
+
+    def rule_labels(self, rows: Sequence[Mapping[str, Any]]) -> Optional[np.ndarray]:
+        """The rows' rule labels ``[N, C]`` where the model keeps them in its decisions, else None."""
+        if not self.card["model"].get("keep_rule_labels"):
+            return None
+        y = np.zeros((len(rows), len(self.tree)), dtype=bool)
+        for i, row in enumerate(rows):
+            for cid in self.tree.closure([c for c in row.get("rule_categories") or [] if c in self.tree]):
+                y[i, self.tree.index[cid]] = True
+        return y
 
     def predict(self, raw: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import tensorflow as tf

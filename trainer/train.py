@@ -2,42 +2,71 @@
 
 The export is a SavedModel whose ``serving_default`` takes raw features (TFT's transform
 graph inside) plus a model card holding the categories, thresholds and data run.
+
+Labels: the rule labels of the train split, closed under ancestors, plus (``model.self_training_rounds``)
+the model's own confident finest-level predictions on train products the rules left open, plus
+(``model.null_evidence_share``) synthetic products without a known token, negative everywhere.
+Ground truth is never a training label. With ``model.threshold_labels: golden`` the eval split's
+ground truth (a small golden set) chooses the per-category thresholds and judges each
+self-training round; the evaluation stage reports on the test split, which training never reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from pipelines import features, storage
-from pipelines.config import CategoricalInput, FeatureConfig
+from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
 from pipelines.taxonomy import CategoryTree
+from pipelines.preprocess import read_clean_rows
 from trainer import serving
+from trainer.hierarchy import decide
+from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import CATEGORIES, build_model
 
 log = logging.getLogger(__name__)
-
-SEED = 42
 
 
 def transformed_files(preprocess_dir: str, split: str) -> list[str]:
     return storage.list_files(storage.join(preprocess_dir, "transformed"), f"{split}-*.tfrecord.gz")
 
 
-def make_dataset(cfg: FeatureConfig, tft_output, files, batch_size: int, shuffle: bool, only_labelled: bool):
-    """(features, labels) batches; the category target is ``[labels | mask]``."""
+def make_dataset(
+    cfg: FeatureConfig,
+    tft_output,
+    files: Sequence[str],
+    batch_size: int,
+    shuffle: bool,
+    only_labelled: bool,
+    targets: Optional[np.ndarray] = None,
+    extra=None,
+):
+    """(features, labels) batches; the category target is ``[labels | mask]``.
+
+    ``targets`` (``[examples in file order, 2 * categories]``) replaces the stored rule labels
+    and masks, e.g. with self-training's pseudo-labels; ``extra`` is a dataset of transformed
+    examples added as they are (:func:`null_evidence_examples`).
+    """
     import tensorflow as tf
 
     spec = tft_output.transformed_feature_spec()
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     ds = ds.map(lambda x: tf.io.parse_single_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if targets is not None:
+        labels, masks = np.split(targets.astype(np.float32), 2, axis=1)
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices((labels, masks)))).map(
+            lambda ex, t: {**ex, features.LABELS: t[0], features.LABEL_MASK: t[1]}
+        )
     if only_labelled:
         ds = ds.filter(lambda ex: tf.reduce_sum(ex[features.LABELS]) > 0)
+    if extra is not None:
+        ds = ds.concatenate(extra)
     if shuffle:
-        ds = ds.shuffle(20000, seed=SEED, reshuffle_each_iteration=True)
+        ds = ds.shuffle(20000, seed=cfg.model.seed, reshuffle_each_iteration=True)
 
     def split_labels(ex):
         labels = {CATEGORIES: tf.concat([ex.pop(features.LABELS), ex.pop(features.LABEL_MASK)], axis=-1)}
@@ -48,9 +77,45 @@ def make_dataset(cfg: FeatureConfig, tft_output, files, batch_size: int, shuffle
     return ds.batch(batch_size).map(split_labels).prefetch(tf.data.AUTOTUNE)
 
 
-def choose_thresholds(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, target_precision: float, min_threshold: float) -> np.ndarray:
+def null_evidence_examples(cfg: FeatureConfig, tft_output, num_categories: int, count: int, seed: int):
+    """``count`` transformed examples of products with no evidence: a title of words in a script
+    the catalogue does not use (no known token), each categorical value or none, no image.
+    Every category is a known negative and attributes are absent, so the model learns that a
+    product it knows nothing about belongs nowhere confidently."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    text_sources = {i.source for i in cfg.inputs if isinstance(i, TextInput)}
+    raw: Dict[str, Any] = {}
+    for inp in cfg.inputs:
+        if inp.source in raw:
+            continue
+        if inp.source in text_sources:
+            words = [["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)]
+            raw[inp.source] = tf.constant([" ".join(w) for w in words])
+        elif isinstance(inp, CategoricalInput):
+            values = [""] + [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(inp.name)]
+            raw[inp.source] = tf.constant([values[i] for i in rng.integers(0, len(values), size=count)])
+        elif isinstance(inp, DenseInput):
+            raw[inp.source] = tf.fill([count], float(inp.default))
+        elif isinstance(inp, ImageInput):
+            raw[inp.name] = tf.zeros([count, inp.dim])
+            raw[features.HAS_IMAGE] = tf.zeros([count], tf.int64)
+    examples = dict(tft_output.transform_features_layer()(raw))
+    examples[features.LABELS] = tf.zeros([count, num_categories])
+    examples[features.LABEL_MASK] = tf.ones([count, num_categories])
+    for attr in cfg.labels.attributes:
+        examples[features.attribute_key(attr.name)] = tf.fill([count], tf.constant(-1, tf.int64))
+    spec = tft_output.transformed_feature_spec()
+    return tf.data.Dataset.from_tensor_slices({k: v for k, v in examples.items() if k in spec})
+
+
+def choose_thresholds(
+    scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, target_precision: Optional[float], min_threshold: float
+) -> np.ndarray:
     """Per category: the lowest threshold (>= ``min_threshold``) whose precision on the known
-    eval labels reaches ``target_precision``; else the best-F1 one; 0.5 without positives."""
+    eval labels reaches ``target_precision``; else (or with no target) the best-F1 one; 0.5
+    without positives."""
     thresholds = np.full(scores.shape[1], 0.5, dtype=np.float32)
     for c in range(scores.shape[1]):
         known = mask[:, c] > 0
@@ -62,7 +127,7 @@ def choose_thresholds(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, 
         tp = np.cumsum(y)
         precision = tp / np.arange(1, len(y) + 1)
         f1 = 2 * tp / (np.arange(1, len(y) + 1) + y.sum())
-        ok = (s >= min_threshold) & (precision >= target_precision)
+        ok = (s >= min_threshold) & (precision >= (target_precision if target_precision is not None else np.inf))
         if ok.any():
             thresholds[c] = s[np.flatnonzero(ok)[-1]]
         else:
@@ -71,12 +136,11 @@ def choose_thresholds(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, 
     return thresholds
 
 
-def export_model(model, tft_output, cfg: FeatureConfig, export_dir: str) -> None:
-    """Saves ``model`` behind a raw-input serving signature that applies the TFT graph."""
+def serving_function(model, tft_output, cfg: FeatureConfig) -> Callable[..., Dict[str, Any]]:
+    """Raw features -> TFT graph -> ``model``: what the export serves and the golden set is scored with."""
     import tensorflow as tf
 
     model.tft_layer = tft_output.transform_features_layer()
-    specs = serving.serving_input_specs(cfg)
     model_input_names = set(model.input_names)
 
     @tf.function
@@ -88,9 +152,64 @@ def export_model(model, tft_output, cfg: FeatureConfig, export_dir: str) -> None
             **{f"{a.name}_probs": outputs[a.name] for a in cfg.labels.attributes},
         }
 
+    return serve
+
+
+def export_model(model, serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, export_dir: str) -> None:
+    """Saves ``model`` behind ``serve`` (:func:`serving_function`) as its raw-input signature."""
+    import tensorflow as tf
+
     # Keyword arguments give the signature its raw input names.
-    signature = serve.get_concrete_function(**specs)
+    signature = serve.get_concrete_function(**serving.serving_input_specs(cfg))
     tf.saved_model.save(model, export_dir, signatures={"serving_default": signature})
+
+
+def score_rows(serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, rows: Sequence[dict], batch_size: int = 1024) -> np.ndarray:
+    """Category scores ``[len(rows), C]`` of clean rows through the raw-input function."""
+    import tensorflow as tf
+
+    out = [
+        serve(**{k: tf.constant(v) for k, v in serving.raw_batch(cfg, rows[i : i + batch_size]).items()})["category_scores"].numpy()
+        for i in range(0, len(rows), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def score_examples(model, ds) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scores, labels, masks)`` of every example of a :func:`make_dataset` dataset, in order."""
+    scores, labels, masks = [], [], []
+    for x, y in ds:
+        scores.append(model(x, training=False)[CATEGORIES].numpy())
+        lab, mask = np.split(y[CATEGORIES].numpy(), 2, axis=-1)
+        labels.append(lab)
+        masks.append(mask)
+    if not scores:
+        return np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0, 0))
+    return np.concatenate(scores), np.concatenate(labels), np.concatenate(masks)
+
+
+def pseudo_labels(scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, tree: CategoryTree, min_score: float) -> Tuple[np.ndarray, int]:
+    """Self-training targets ``[labels | mask]`` and how many examples got a pseudo-label.
+
+    An example whose rule labels stop above the finest categories (or that has none) takes
+    the best-scoring leaf that agrees with its rule labels, when that leaf scores at least
+    ``min_score``: the leaf and its ancestors become positives and every class is known.
+    Other examples keep their rule labels and mask.
+    """
+    leaves = np.array([tree.index[c] for c in tree.ids if not tree.children(c)])
+    ancestors = tree.ancestor_matrix()
+    path = np.zeros((len(leaves), len(tree)), dtype=bool)  # leaf -> itself and its ancestors
+    for row, leaf in enumerate(leaves):
+        path[row, ancestors[leaf]] = True
+    positive = labels > 0
+    has_leaf = positive[:, leaves].any(axis=1)
+    agrees = (positive.astype(np.int64) @ (~path).T.astype(np.int64)) == 0  # [N, leaves]: no rule label off the leaf's path
+    leaf_scores = np.where(agrees, scores[:, leaves], -1.0)
+    best = np.argmax(leaf_scores, axis=1)
+    chosen = ~has_leaf & (leaf_scores[np.arange(len(best)), best] >= min_score)
+    new_labels = np.where(chosen[:, None], path[best], labels).astype(np.float32)
+    new_masks = np.where(chosen[:, None], 1.0, masks).astype(np.float32)
+    return np.concatenate([new_labels, new_masks], axis=1), int(chosen.sum())
 
 
 def vocabulary_sizes(cfg: FeatureConfig, tft_output) -> Tuple[Dict[str, int], Dict[str, int], Dict[str, list]]:
@@ -102,42 +221,96 @@ def vocabulary_sizes(cfg: FeatureConfig, tft_output) -> Tuple[Dict[str, int], Di
     return vocab, {k: max(len(v), 1) for k, v in attr_vocab.items()}, attr_vocab
 
 
+def golden_set(cfg: FeatureConfig, preprocess_dir: str, tree: CategoryTree) -> Tuple[List[dict], np.ndarray]:
+    """The eval split's clean rows and their ground truth ``[N, C]``: the small golden set that may
+    choose thresholds and judge self-training rounds. It is never a training label, and the
+    test split is never read."""
+    rows = [r for r in read_clean_rows(preprocess_dir) if r["split"] == "eval"]
+    field = cfg.labels.ground_truth_field
+    return rows, truth_matrix(tree, [[r[field]] if r.get(field) else [] for r in rows])
+
+
+def eval_thresholds(
+    model, serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, eval_ds, golden: Optional[Tuple[List[dict], np.ndarray]], tree: CategoryTree
+) -> Tuple[np.ndarray, dict]:
+    """Per-category thresholds from eval data, and the eval metrics they give: against the
+    golden set's ground truth where ``model.threshold_labels`` is ``golden``, else against
+    the known rule labels of the eval split."""
+    m = cfg.model
+    rules = None
+    if golden is not None:
+        rows, truth = golden
+        scores, mask = score_rows(serve, cfg, rows), np.ones(truth.shape, dtype=np.float32)
+        if m.keep_rule_labels:
+            rules = truth_matrix(tree, [[c for c in r.get("rule_categories") or [] if c in tree] for r in rows])
+            scores = np.where(rules, np.float32(1.0), scores)
+    else:
+        scores, labels, mask = score_examples(model, eval_ds)
+        truth = labels > 0
+    if len(scores) == 0:
+        return np.full(len(tree), 0.5, dtype=np.float32), {}
+    thresholds = choose_thresholds(scores, truth.astype(np.float32), mask, m.target_precision, m.min_threshold)
+    positive, closed = decide(scores, thresholds, tree, rules)
+    return thresholds, evaluate_predictions(closed, positive, truth, tree)
+
+
+def fit(model, train_ds, eval_ds, epochs: int) -> Dict[str, List[float]]:
+    """Fits with early stopping on the eval category loss (best weights kept); returns the history."""
+    import tensorflow as tf
+
+    stop = tf.keras.callbacks.EarlyStopping(monitor=f"val_{CATEGORIES}_loss", patience=2, restore_best_weights=True)
+    history = model.fit(train_ds, validation_data=eval_ds, epochs=epochs, verbose=2, callbacks=[stop])
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def finest_micro_f1(metrics: dict) -> Optional[float]:
+    levels = metrics.get("levels") or {}
+    return round(levels[max(levels, key=int)]["micro_f1"], 4) if levels else None
+
+
 def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: str, run_id: str) -> dict:
-    """Fits ``cfg.model``, sets thresholds on eval data, exports into ``out_dir``; returns the card."""
+    """Fits ``cfg.model`` (then its self-training rounds), sets thresholds on eval data, exports
+    into ``out_dir``; returns the card. Only the train split is trained on."""
     import tensorflow as tf
     import tensorflow_transform as tft
 
     storage.require_complete(preprocess_dir)
-    tf.keras.utils.set_random_seed(SEED)
+    m = cfg.model
+    tf.keras.utils.set_random_seed(m.seed)
     tf.config.experimental.enable_op_determinism()
     tft_output = tft.TFTransformOutput(storage.join(preprocess_dir, "transform_fn"))
     tree = CategoryTree.from_records(storage.read_json(storage.join(preprocess_dir, "categories.json")))
     vocab, attr_sizes, attr_vocab = vocabulary_sizes(cfg, tft_output)
-    m = cfg.model
-    train_ds = make_dataset(cfg, tft_output, transformed_files(preprocess_dir, "train"), m.batch_size, True, m.train_only_labelled)
+    train_files = transformed_files(preprocess_dir, "train")
+    labelled = make_dataset(cfg, tft_output, train_files, m.batch_size, False, m.train_only_labelled)
+    num_examples = sum(int(tf.shape(y[CATEGORIES])[0]) for _, y in labelled)
+    null_count = round(m.null_evidence_share * num_examples)
+    null = null_evidence_examples(cfg, tft_output, len(tree), null_count, m.seed) if null_count else None
+    train_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, extra=null)
     eval_ds = make_dataset(cfg, tft_output, transformed_files(preprocess_dir, "eval"), m.batch_size, False, m.train_only_labelled)
+    golden = golden_set(cfg, preprocess_dir, tree) if m.threshold_labels == "golden" else None
     model = build_model(cfg, len(tree), vocab, attr_sizes)
+    model.summary(print_fn=log.info)
     started = time.perf_counter()
-    history = model.fit(
-        train_ds,
-        validation_data=eval_ds,
-        epochs=m.epochs,
-        verbose=2,
-        callbacks=[tf.keras.callbacks.EarlyStopping(monitor=f"val_{CATEGORIES}_loss", patience=2, restore_best_weights=True)],
-    )
+    history = fit(model, train_ds, eval_ds, m.epochs)
+    serve = serving_function(model, tft_output, cfg)
+    train_examples = (num_examples + null_count) * len(history["loss"])
+    thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
+    rounds = []
+    for round_no in range(1, m.self_training_rounds + 1):
+        in_order = make_dataset(cfg, tft_output, train_files, m.batch_size, False, False)
+        targets, added = pseudo_labels(*score_examples(model, in_order), tree, m.self_training_min_score)
+        round_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, targets, null)
+        round_history = fit(model, round_ds, eval_ds, m.self_training_epochs)
+        round_examples = int((targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(targets)
+        train_examples += (round_examples + null_count) * len(round_history["loss"])
+        before = finest_micro_f1(eval_metrics)
+        thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
+        rounds.append({"round": round_no, "pseudo_labelled": added, "eval_finest_micro_f1_before": before,
+                       "eval_finest_micro_f1_after": finest_micro_f1(eval_metrics), "epochs": len(round_history["loss"])})
+        log.info("self-training round %d: %d pseudo-labelled train products, eval finest-level micro-F1 %s -> %s",
+                 round_no, added, before, rounds[-1]["eval_finest_micro_f1_after"])
     train_seconds = time.perf_counter() - started
-    train_examples = sum(int(tf.shape(y[CATEGORIES])[0]) for _, y in train_ds) * len(history.epoch)
-
-    scores, labels, masks = [], [], []
-    for x, y in eval_ds:
-        scores.append(model(x, training=False)[CATEGORIES].numpy())
-        lab, mask = np.split(y[CATEGORIES].numpy(), 2, axis=-1)
-        labels.append(lab)
-        masks.append(mask)
-    if scores:
-        thresholds = choose_thresholds(np.concatenate(scores), np.concatenate(labels), np.concatenate(masks), m.target_precision, m.min_threshold)
-    else:
-        thresholds = np.full(len(tree), 0.5, dtype=np.float32)
 
     card = {
         "model_version": model_version,
@@ -147,16 +320,15 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
         "preprocess_dir": preprocess_dir,
         "categories": tree.to_records(),
         "thresholds": [round(float(t), 6) for t in thresholds],
+        "thresholds_from": "golden set (ground truth of the eval split)" if golden is not None else "rule labels of the eval split",
+        "eval_finest_micro_f1": finest_micro_f1(eval_metrics),
+        "self_training": rounds,
         "attribute_vocabularies": attr_vocab,
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": history,
         "train_examples_per_s": train_examples / max(train_seconds, 1e-9),
     }
     with storage.atomic_stage(out_dir) as tmp:
-        export_model(model, tft_output, cfg, storage.join(tmp, serving.SAVED_MODEL))
+        export_model(model, serve, cfg, storage.join(tmp, serving.SAVED_MODEL))
         storage.write_json(storage.join(tmp, serving.MODEL_CARD), card)
     log.info("trained %s model %s: %d categories, %.0f examples/s", m.type, model_version, len(tree), card["train_examples_per_s"])
     return card
-
-
-def model_config(cfg: FeatureConfig, model_type: Optional[str]) -> FeatureConfig:
-    return cfg if not model_type else cfg.replace_model(type=model_type)
