@@ -1,66 +1,155 @@
-"""Publish-and-index benchmark: N updates published with confirms at 1, 2 and 4 publisher worker threads,
-consumed into Elasticsearch by one ``prodcat consume`` process; publish messages/s, end-to-end
-indexed documents/s, lost updates, and how close the consumer's rate limiter holds its setting.
+"""Write-back benchmark, each figure measured in this run:
 
-    python -m benchmarks.publish [--messages 100000] [--es-url http://127.0.0.1:9200]
+- publishing: N prediction updates in committed batches at 1, 2 and 4 publisher threads, messages/s;
+- the Elasticsearch stand-in alone: the consumer's own bulk scripted updates sent straight to it
+  (one request at a time, and two at once), documents/s: the ceiling the consumer is measured against;
+- consuming: a queue filled beforehand with N prediction updates (and N neighbour updates, 100
+  neighbours each) drained by one ``prodcat consume`` process, and prediction updates by two
+  processes on the same queue; documents/s from each consumer's first message to its last ack;
+- the rate limiter: documents/s observed at a setting below what the cluster absorbs;
+- with ``--chaos-updates``: the combined-fault sequence of :mod:`benchmarks.chaos` on a private
+  stand-in.
+
+    python -m benchmarks.publish [--messages 35000] [--chaos-updates 8918]
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator, List
 
 import yaml
-from elasticsearch import helpers
+from elasticsearch import Elasticsearch, helpers
 
-from benchmarks.results_file import RESULTS_DIR, write_results
+from benchmarks.chaos import run_chaos
+from benchmarks.results_file import write_results
+from pipelines.consumer import update_action
 from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
 from pipelines.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_index
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "bench-publish-products"
 NAME = "publish"
+CHAOS_ES_PORT = 9270
 
 
-def updates(n: int, version: int) -> Iterator[dict]:
-    body = {"categories": [{"id": "Apparel", "name": "Apparel", "level": 1, "score": 0.9, "confident": True}], "attributes": {}}
+def updates(kind: str, n: int, version: int) -> Iterator[dict]:
+    """``n`` updates of ``kind`` shaped like the pipeline's (three categories; 100 neighbours)."""
+    if kind == "predictions":
+        body = {"categories": [{"id": c, "name": c, "level": level, "score": 0.9, "confident": True}
+                               for level, c in enumerate(("Apparel", "Topwear", "Tshirts"), start=1)],
+                "attributes": {"colour": {"value": "Blue", "score": 0.8}}}
+    else:
+        body = {"neighbours": [{"id": str(j), "score": round(1 - j / 1000, 4)} for j in range(100)]}
     for i in range(n):
-        yield message("predictions", str(i), f"bench-{version}", f"m{version}", version, body)
+        yield message(kind, str(i), f"bench-{version}", f"m{version}", version, body)
 
 
-def applied(es, version: int) -> int:
+def purge(rabbit: RabbitConnection, *queues: str) -> None:
+    connection = rabbit.connect()
+    channel = connection.channel()
+    for q in queues:
+        channel.queue_purge(q)
+    connection.close()
+
+
+def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_exit_s: float = 3.0) -> List[dict]:
+    """Runs ``processes`` consumers until the queue stays empty; returns each one's stats."""
+    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
+                               "consume", "--rate-limit", str(rate_limit), "--idle-exit-s", str(idle_exit_s)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
+    return [json.loads(proc.communicate(timeout=3600)[0].strip().splitlines()[-1]) for proc in procs]
+
+
+def consumed_row(kind: str, processes: int, stats: List[dict]) -> dict:
+    docs = sum(s["applied"] + s["noop"] for s in stats)
+    seconds = max(s["last_ack_at"] for s in stats) - min(s["first_message_at"] for s in stats)
+    return {"kind": kind, "consumers": processes, "documents": docs, "dead_lettered": sum(s["dead_lettered"] for s in stats),
+            "indexed_docs_per_s": round(docs / seconds, 1)}
+
+
+def stand_in_alone(es: Elasticsearch, kind: str, n: int, version: int, concurrency: int, bulk_size: int = 500) -> float:
+    """Documents/s of the consumer's bulk scripted updates sent straight to Elasticsearch."""
+    batches, batch = [], []
+    for m in updates(kind, n, version):
+        batch.extend(update_action(INDEX, m))
+        if len(batch) == 2 * bulk_size:
+            batches.append(batch)
+            batch = []
+    batches.append(batch)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for response in pool.map(lambda ops: es.bulk(operations=ops), batches):
+            if response["errors"]:
+                raise RuntimeError("the stand-in rejected updates of the benchmark's own index")
+    return round(n / (time.perf_counter() - started), 1)
+
+
+def applied(es: Elasticsearch, version: int) -> int:
     es.indices.refresh(index=INDEX)
     return es.count(index=INDEX, query={"term": {"prediction_version": version}})["count"]
 
 
-def start_consumer(es_url: str, config: Path, rate_limit: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
-                             "consume", "--rate-limit", str(rate_limit)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def rate_limit_check(es: Elasticsearch, es_url: str, rabbit: RabbitConnection, queues: Dict[str, str], config: Path, setting: float,
+                     version: int) -> float:
+    """Documents/s a consumer writes at ``setting``, over 10 s of a stream longer than that."""
+    n = int(setting * 20)
+    publish_parallel(rabbit, queues["queue"], queues["dead_letter_queue"], updates("predictions", n, version), 2)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
+                             "consume", "--rate-limit", str(setting)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while applied(es, version) == 0:
+            time.sleep(0.5)
+        first, t0 = applied(es, version), time.perf_counter()
+        time.sleep(10)
+        return round((applied(es, version) - first) / (time.perf_counter() - t0), 1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+        purge(rabbit, queues["queue"])
 
 
-def wait_applied(es, version: int, expected: int, timeout_s: float) -> float:
-    started = time.perf_counter()
-    while applied(es, version) < expected:
-        if time.perf_counter() - started > timeout_s:
-            break
-        time.sleep(5)  # counting 100k documents is not free on the stand-in
-    return time.perf_counter()
+def chaos(n: int) -> dict:
+    """The combined-fault sequence on a private stand-in (port 9270), which it stops and starts."""
+    noida = str(Path(sys.executable).parent / "noida-db")
+    data = REPO / ".prodcat" / "bench-chaos-noida"
+    data.mkdir(parents=True, exist_ok=True)
+
+    def start() -> None:
+        subprocess.run([noida, "up", "--data-dir", str(data), "--only", "elasticsearch", "--elasticsearch-port", str(CHAOS_ES_PORT)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        subprocess.run([noida, "down", "--data-dir", str(data)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    start()
+    url = f"http://127.0.0.1:{CHAOS_ES_PORT}"
+    es = EsConnection(url=url).client()
+    deadline = time.monotonic() + 60
+    while not es.ping() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        result = run_chaos(es, url, stop, start, RabbitConnection(), Path(tempfile.mkdtemp(prefix="bench-chaos-")), n, uuid.uuid4().hex[:8])
+    finally:
+        stop()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4],
-                        help="publisher worker counts; none: only the rate-limiter check, rows kept from the last results file")
+    parser.add_argument("--messages", type=int, default=35_000, help="updates per row (the catalogue is 35,528 products)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="publisher thread counts")
     parser.add_argument("--es-url", default="http://127.0.0.1:9200")
-    parser.add_argument("--rate-limit", type=float, default=100.0,
+    parser.add_argument("--rate-limit", type=float, default=500.0,
                         help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace")
+    parser.add_argument("--chaos-updates", type=int, default=8918, help="updates in the combined-fault run (0: skip it)")
     args = parser.parse_args()
     from pipelines.config import load_config
 
@@ -69,57 +158,61 @@ def main() -> None:
     raw["publish"].update(queue="bench-publish-updates", dead_letter_queue="bench-publish-dead-letters")
     config = Path(tempfile.mkdtemp(prefix="bench-publish-")) / "feature_config.yaml"
     config.write_text(yaml.safe_dump(raw))
-    publish_cfg = load_config(config).publish
+    p = load_config(config).publish
+    queues = {"queue": p.queue, "dead_letter_queue": p.dead_letter_queue}
     es = EsConnection(url=args.es_url).client()
     rabbit = RabbitConnection()
     connection = rabbit.connect()
-    channel = connection.channel()
-    declare_queues(channel, publish_cfg.queue, publish_cfg.dead_letter_queue)
-    for queue in (publish_cfg.queue, publish_cfg.dead_letter_queue):
-        channel.queue_purge(queue)  # leftovers of an interrupted run
+    declare_queues(connection.channel(), p.queue, p.dead_letter_queue)
     connection.close()
+    purge(rabbit, p.queue, p.dead_letter_queue)  # leftovers of an interrupted run
     recreate_index(es, INDEX, PRODUCT_MAPPINGS)
     helpers.bulk(es, ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(args.messages)),
                  chunk_size=5000, refresh=True)
-    rows = []
-    consumer = start_consumer(args.es_url, config, 1e9)
-    try:
-        for version, workers in enumerate(args.workers, start=1):
-            started = time.perf_counter()
-            sent = sum(publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue,
-                                        updates(args.messages, version), workers).values())
-            published = time.perf_counter()
-            done = wait_applied(es, version, args.messages, timeout_s=1800)
-            rows.append({
-                "workers": workers,
-                "messages": sent,
-                "publish_msgs_per_s": round(sent / (published - started), 1),
-                "indexed_docs_per_s": round(args.messages / (done - started), 1),
-                "lost": args.messages - applied(es, version),
-            })
-            print(rows[-1], flush=True)
-    finally:
-        consumer.terminate()
-        consumer.wait(timeout=120)
 
-    check = min(args.messages, int(args.rate_limit * 20))
-    version = len(args.workers) + 1
-    publish_parallel(rabbit, publish_cfg.queue, publish_cfg.dead_letter_queue, updates(check, version), 2)
-    consumer = start_consumer(args.es_url, config, args.rate_limit)
-    try:
-        while applied(es, version) == 0:
-            time.sleep(1)
-        first, t0 = applied(es, version), time.perf_counter()
-        time.sleep(10)
-        observed = (applied(es, version) - first) / (time.perf_counter() - t0)
-        wait_applied(es, version, check, timeout_s=600)
-    finally:
-        consumer.terminate()
-        consumer.wait(timeout=120)
-    if not args.workers:
-        rows = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())["rows"]
-    write_results(NAME, {"rows": rows, "rate_limit": {"setting": args.rate_limit, "observed": round(observed, 1)},
-                         "consumer": {"bulk_size": publish_cfg.consumer_bulk_size, "prefetch": publish_cfg.consumer_prefetch}})
+    version = 0
+    publishing = []
+    for workers in args.workers:
+        version += 1
+        purge(rabbit, p.queue)
+        started = time.perf_counter()
+        sent = sum(publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates("predictions", args.messages, version), workers,
+                                    p.batch_size).values())
+        publishing.append({"workers": workers, "messages": sent, "batch_size": p.batch_size,
+                           "publish_msgs_per_s": round(sent / (time.perf_counter() - started), 1)})
+        print(publishing[-1], flush=True)
+
+    consuming = [consumed_row("predictions", 1, consume(args.es_url, config, 1, 0))]  # the last publishing row's messages
+    print(consuming[-1], flush=True)
+    for kind, processes in (("neighbours", 1), ("predictions", 2)):
+        version += 1
+        publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates(kind, args.messages, version), 2, p.batch_size)
+        consuming.append(consumed_row(kind, processes, consume(args.es_url, config, processes, 0)))
+        print(consuming[-1], flush=True)
+
+    alone = []
+    for kind in ("predictions", "neighbours"):
+        for concurrency in (1, 2):
+            version += 1
+            alone.append({"kind": kind, "concurrent_requests": concurrency,
+                          "docs_per_s": stand_in_alone(es, kind, args.messages, version, concurrency, p.consumer_bulk_size)})
+            print(alone[-1], flush=True)
+
+    version += 1
+    observed = rate_limit_check(es, args.es_url, rabbit, queues, config, args.rate_limit, version)
+    results = {
+        "messages": args.messages,
+        "publishing": publishing,
+        "consuming": consuming,
+        "stand_in_alone": alone,
+        "rate_limit": {"setting": args.rate_limit, "observed": observed},
+        "consumer": {"bulk_size": p.consumer_bulk_size, "prefetch": p.consumer_prefetch, "concurrency": p.consumer_concurrency},
+    }
+    if args.chaos_updates:
+        results["chaos"] = chaos(args.chaos_updates)
+        print({k: v for k, v in results["chaos"].items() if k != "dead_letter_queue"}, flush=True)
+    es.indices.delete(index=INDEX)
+    write_results(NAME, results)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Dumps products from Elasticsearch, preprocesses them with Beam + TF Transform, c
 data's statistics against the previous good run, trains a
 multi-label model on the rule labels, evaluates it against rule labels and ground truth
 (blessing gate), predicts every product, publishes the predictions to RabbitMQ and waits
-until the consumer has written them back to Elasticsearch. New predictions update the asset
+until the consumer has written them back to Elasticsearch, then writes the run's HTML report
+(the DAG run's "Run report" tab). New predictions update the asset
 `prodcat://predictions`, which starts `prodcat_visual_neighbours`.
 
 Each task writes only into its run's folder (`<data_root>/runs/<run_id>/<stage>`) and can
@@ -18,11 +19,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
 from pipelines.assets import PREDICTIONS_URI
+from pipelines.config import load_config
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
+PUBLISH = load_config(CONFIG_PATH).publish  # the sensor's pace and time limit
 PREDICTIONS = Asset(PREDICTIONS_URI)
 
 PARAMS = {
@@ -100,15 +103,25 @@ def prodcat_categorise():
 
         return run_task("publish_predictions", CONFIG_PATH, predict_dir)
 
-    @task(execution_timeout=timedelta(hours=2))
-    def wait_indexed(publish_dir: str) -> dict:
+    @task.sensor(poke_interval=PUBLISH.reconcile_poke_s, timeout=PUBLISH.reconcile_timeout_s, mode="reschedule")
+    def wait_indexed(publish_dir: str) -> PokeReturnValue:
+        """Waits, without holding a worker slot, until the consumer wrote every update; re-publishes
+        what went missing (pipelines.writeback)."""
+        from pipelines.airflow_entry import poke_indexed
+
+        return poke_indexed(CONFIG_PATH, publish_dir)
+
+    @task
+    def report() -> str:
+        """The run's HTML report (``<run folder>/report/index.html``); the Airflow UI shows it in a
+        "Run report" tab of the DAG run (pipelines.airflow_plugin)."""
         from pipelines.airflow_entry import run_task
 
-        return run_task("wait_indexed", CONFIG_PATH, publish_dir)
+        return run_task("report", CONFIG_PATH)
 
     preprocessed = preprocess(dump())
     evaluated = evaluate(train(validate_statistics(preprocessed)), preprocessed)
-    wait_indexed(publish(predict(evaluated, preprocessed)))
+    wait_indexed(publish(predict(evaluated, preprocessed))) >> report()
 
 
 prodcat_categorise()

@@ -32,7 +32,8 @@ PARAMS = {
     tags=["prodcat", "operations"],
     params=PARAMS,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "execution_timeout": timedelta(hours=1)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
+                  "execution_timeout": timedelta(hours=1)},
 )
 def prodcat_replay_dead_letters():
     @task

@@ -17,6 +17,8 @@ MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
 ENCODERS = ("efficientnet_lite0", "keras_resnet50")
 DERIVATIONS = ("brand_from_title",)
+TOKENISERS = ("words", "char_ngrams")
+THRESHOLD_LABELS = ("rules", "golden")
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,8 @@ class TextInput:
     vocab_size: int = 10000
     oov_buckets: int = 1
     max_chars: int = 2000
+    tokens: str = "words"  # words | char_ngrams (within each word, padded with spaces)
+    ngram_range: Tuple[int, ...] = (1, 1)  # n-gram lengths, in words or in characters
     kind: str = "text"
 
 
@@ -100,10 +104,17 @@ class Model:
     batch_size: int = 128
     learning_rate: float = 0.001
     category_loss_weight: float = 1.0
-    target_precision: float = 0.9
+    target_precision: Optional[float] = 0.9  # null: per-category best F1
     min_threshold: float = 0.3
     blessing_metric: str = "ground_truth.hierarchical_f1"
     train_only_labelled: bool = True
+    keep_rule_labels: bool = False  # decisions keep the rules' categories and add the model's
+    threshold_labels: str = "rules"  # rules | golden (ground truth of the eval split, never a training label)
+    self_training_rounds: int = 0  # rounds that add confident predictions on unlabelled train products
+    self_training_min_score: float = 0.9
+    self_training_epochs: int = 3
+    null_evidence_share: float = 0.0  # synthetic products with no known token (share of the training examples), negative everywhere
+    seed: int = 42
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +138,12 @@ class Publish:
     consumer_bulk_size: int = 500
     consumer_flush_s: float = 2.0
     consumer_rate_limit_docs_per_s: float = 2000.0
-    consumer_prefetch: int = 1000
-    max_retries: int = 5
+    consumer_prefetch: int = 1500
+    consumer_concurrency: int = 2
+    reconcile_poke_s: float = 10.0
+    reconcile_stall_pokes: int = 3
+    reconcile_attempts: int = 3
+    reconcile_timeout_s: float = 7200.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +260,20 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.neighbours.group_by in GROUP_BY, f"neighbours.group_by: must be one of {list(GROUP_BY)}"),
         (1 <= cfg.neighbours.group_level <= cfg.labels.levels, "neighbours.group_level: must be within labels.levels"),
         (0 < cfg.split.test_percent < 100 and 0 < cfg.split.eval_percent < 100, "split: percents must be in (0, 100)"),
-        (0 < cfg.model.target_precision <= 1, "model.target_precision: must be in (0, 1]"),
+        (cfg.model.target_precision is None or 0 < cfg.model.target_precision <= 1, "model.target_precision: must be in (0, 1] or null"),
+        (cfg.model.threshold_labels in THRESHOLD_LABELS, f"model.threshold_labels: must be one of {list(THRESHOLD_LABELS)}"),
+        (cfg.model.self_training_rounds >= 0, "model.self_training_rounds: must be >= 0"),
+        (0 <= cfg.model.null_evidence_share < 1, "model.null_evidence_share: must be in [0, 1)"),
+        (0 < cfg.model.self_training_min_score <= 1, "model.self_training_min_score: must be in (0, 1]"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
     ]
     for inp in cfg.inputs:
         if isinstance(inp, ImageInput):
             checks.append((inp.encoder in ENCODERS, f"inputs.{inp.name}.encoder: must be one of {list(ENCODERS)}"))
+        if isinstance(inp, TextInput):
+            checks.append((inp.tokens in TOKENISERS, f"inputs.{inp.name}.tokens: must be one of {list(TOKENISERS)}"))
+            lengths = inp.ngram_range
+            checks.append((len(lengths) == 2 and 1 <= lengths[0] <= lengths[1], f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max"))
         if isinstance(inp, CategoricalInput) and inp.derive is not None:
             checks.append((inp.derive in DERIVATIONS, f"inputs.{inp.name}.derive: must be one of {list(DERIVATIONS)}"))
     for ok, message in checks:

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = "prodcat.preprocess"
 SPLITS = ("train", "eval", "test")
 DEAD = "dead"
-TEXT_FIELDS_KEPT = ("title", "gender", "base_colour", "season", "usage", "image_url", "true_category")
 MAX_DEAD_RECORD_CHARS = 10_000
 
 

@@ -14,10 +14,9 @@ import dataclasses
 import json
 import logging
 import queue as queue_module
-import time
 import zlib
 from collections import Counter
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import pika
 import pika.exceptions
@@ -220,13 +219,3 @@ def publish_parallel(
         for future in futures:
             sent.update(future.result())
     return sent
-
-
-def queue_depths(conn: RabbitConnection, queues: List[str]) -> Dict[str, int]:
-    """Ready-message counts (passive declare: never creates a queue)."""
-    connection = conn.connect()
-    try:
-        channel = connection.channel()
-        return {q: channel.queue_declare(queue=q, passive=True).method.message_count for q in queues}
-    finally:
-        connection.close()

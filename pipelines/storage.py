@@ -119,11 +119,6 @@ def atomic_stage(stage_dir: str) -> Iterator[str]:
         f.write(b"")
 
 
-def stage_path(run_folder: str, stage: str) -> str:
-    return join(run_folder, stage)
-
-
-
 def read_json_lines(stage_dir: str, pattern: str) -> Iterator[Any]:
     """Streams the records of every gzip JSON-lines file matching ``pattern`` in a finished stage."""
     require_complete(stage_dir)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from pipelines import storage
 from pipelines.config import FeatureConfig, load_config
 from pipelines.publish import RabbitConnection
 from pipelines.search_index import EsConnection
+
+if TYPE_CHECKING:
+    from pipelines.writeback import Target
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +99,13 @@ def evaluate(s: RunSettings, model_dir: str, preprocess_dir: str) -> str:
 
     Returns the evaluation folder; its ``blessing.json`` names the model to serve.
     """
-    from trainer.evaluate import bless, evaluate_model
+    from trainer.evaluate import SCORES_FILE, bless, evaluate_model
 
     cfg = s.config()
     out = s.stage("evaluation")
-    metrics = evaluate_model(cfg, model_dir, preprocess_dir)
-    metrics.update({"run_id": s.run_id, "model_type": cfg.model.type})
     with storage.atomic_stage(out) as tmp:
+        metrics = evaluate_model(cfg, model_dir, preprocess_dir, scores_path=storage.join(tmp, SCORES_FILE))
+        metrics.update({"run_id": s.run_id, "model_type": cfg.model.type})
         storage.write_json(storage.join(tmp, "metrics.json"), metrics)
     decision = bless(metrics, cfg.model.blessing_metric, storage.join(s.data_root, "models", "blessed.json"), model_dir, s.force_publish)
     storage.write_json(storage.join(out, "blessing.json"), decision)
@@ -136,79 +139,88 @@ def neighbours(s: RunSettings, preprocess_dir: str, predict_dir: str) -> str:
     return out
 
 
-def prediction_messages(predict_dir: str, run_id: str, version: int) -> Iterator[dict]:
-    """One update message per predicted product."""
-    from pipelines.publish import message
-    from trainer.predict import read_predictions
+def report(s: RunSettings) -> str:
+    """The run's HTML report from its finished stages (and, for a neighbours run, those of the
+    categorisation run it used); returns the report file's path."""
+    from pipelines.report.build import write_report
 
-    for p in read_predictions(predict_dir):
-        body = {"categories": p["categories"], "attributes": p["attributes"]}
-        yield message("predictions", p["id"], run_id, p["model_version"], version, body)
+    return write_report(s.config(), s.run_dir, s.stage("report"))
 
 
-def neighbour_messages(neighbours_dir: str, run_id: str, version: int) -> Iterator[dict]:
-    """One update message per product with neighbours."""
-    from pipelines.neighbours import read_neighbours
-    from pipelines.publish import message
+def _target(s: RunSettings, kind: str, source_dir: str) -> "Target":
+    from pipelines.writeback import Target
 
-    for n in read_neighbours(neighbours_dir):
-        yield message("neighbours", n["id"], run_id, None, version, {"neighbours": n["neighbours"]})
+    p = s.config().publish
+    return Target(es=s.es.client(), rabbit=s.rabbit, index=s.products_index, queue=p.queue, dead_letter_queue=p.dead_letter_queue,
+                  kind=kind, source_dir=source_dir, run_id=s.run_id, version=s.version, publish_workers=p.workers,
+                  publish_batch_size=p.batch_size)
 
 
-def _publish(s: RunSettings, messages: Iterator[dict]) -> str:
-    from pipelines.publish import KINDS, publish_parallel
+def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
+    """Publishes the run's updates of ``kind``; the summary names what ``wait_indexed`` reconciles."""
+    from pipelines.publish import publish_parallel
+    from pipelines.writeback import update_messages
 
-    cfg = s.config()
-    sent = publish_parallel(s.rabbit, cfg.publish.queue, cfg.publish.dead_letter_queue, messages, cfg.publish.workers)
+    target = _target(s, kind, source_dir)
+    messages = update_messages(kind, storage.require_complete(source_dir), s.run_id, s.version)
+    sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers,
+                            target.publish_batch_size)
     out = s.stage("publish")
     with storage.atomic_stage(out) as tmp:
-        storage.write_json(storage.join(tmp, "summary.json"),
-                           {**{k: sent[k] for k in KINDS}, "sent": sum(sent.values()), "version": s.version, "run_id": s.run_id})
+        storage.write_json(storage.join(tmp, "summary.json"), {
+            "kind": kind, "source_dir": source_dir, "sent": sent[kind], "version": s.version, "run_id": s.run_id,
+        })
     return out
 
 
 def publish_predictions(s: RunSettings, predict_dir: str) -> str:
-    return _publish(s, prediction_messages(predict_dir, s.run_id, s.version))
+    return _publish(s, "predictions", predict_dir)
 
 
 def publish_neighbours(s: RunSettings, neighbours_dir: str) -> str:
-    return _publish(s, neighbour_messages(neighbours_dir, s.run_id, s.version))
+    return _publish(s, "neighbours", neighbours_dir)
 
 
-VERSION_FIELDS = {"predictions": "prediction_version", "neighbours": "neighbours_version"}
+def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optional[str]:
+    """One check of the reconciler (see :mod:`pipelines.writeback`): its state lives in
+    ``<run>/reconcile/<attempt_key>.json`` between checks, so that Airflow can run each check as a
+    rescheduled poke; a new ``attempt_key`` (a new task try) starts afresh. Returns the ``indexed``
+    stage folder once every update is written or dead-lettered, else None."""
+    from pipelines.writeback import ReconcileState, check
+
+    summary = storage.read_json(storage.join(storage.require_complete(publish_dir), "summary.json"))
+    p = s.config().publish
+    state_path = storage.join(s.run_dir, "reconcile", f"{attempt_key}.json")
+    state = (ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path)
+             else ReconcileState(published=summary["sent"]))
+    state = check(_target(s, summary["kind"], summary["source_dir"]), state, p.reconcile_stall_pokes, p.reconcile_attempts)
+    storage.write_json(state_path, state.to_json())
+    if not state.finished:
+        return None
+    out = s.stage("indexed")
+    with storage.atomic_stage(out) as tmp:
+        storage.write_json(storage.join(tmp, "summary.json"), {"published": summary, **state.to_json()})
+    return out
 
 
-def indexed_counts(s: RunSettings) -> dict:
-    """Per kind: products holding this run's (or a newer run's) updates, and this run's dead letters."""
-    from pipelines.consumer import DEAD_LETTER_INDEX
-
-    es = s.es.client()
-    es.indices.refresh(index=s.products_index)
-    has_dead_letters = es.indices.exists(index=DEAD_LETTER_INDEX)
-    if has_dead_letters:
-        es.indices.refresh(index=DEAD_LETTER_INDEX)
-    counts = {}
-    for kind, field in VERSION_FIELDS.items():
-        dead = 0
-        if has_dead_letters:
-            query = {"bool": {"filter": [{"term": {"run_id": s.run_id}}, {"term": {"kind": kind}}]}}
-            dead = es.count(index=DEAD_LETTER_INDEX, query=query)["count"]
-        indexed = es.count(index=s.products_index, query={"range": {field: {"gte": s.version}}})["count"]
-        counts[kind] = {"indexed": indexed, "dead_lettered": dead}
-    return counts
-
-
-def wait_indexed(s: RunSettings, publish_dir: str, timeout_s: float = 1800, poll_s: float = 2.0) -> dict:
-    """Blocks until every published update is in Elasticsearch or dead-lettered; returns the counts."""
-    published = storage.read_json(storage.join(storage.require_complete(publish_dir), "summary.json"))
-    deadline = time.monotonic() + timeout_s
+def wait_indexed(s: RunSettings, publish_dir: str) -> str:
+    """Blocks until every published update is in Elasticsearch or dead-lettered, re-publishing what
+    went missing (the CLI's form of the Airflow sensor); returns the ``indexed`` stage folder."""
+    p = s.config().publish
+    attempt_key = f"wait-{time.time_ns()}"  # a fresh reconciliation per call, as a new Airflow try gets
+    deadline = time.monotonic() + p.reconcile_timeout_s
     while True:
-        counts = indexed_counts(s)
-        missing = {k: published[k] - c["indexed"] - c["dead_lettered"] for k, c in counts.items()
-                   if c["indexed"] + c["dead_lettered"] < published[k]}
-        log.info("indexed %s of %s published", counts, published)
-        if not missing:
-            return {"published": published, "indexed": counts}
+        out = check_indexed(s, publish_dir, attempt_key)
+        if out is not None:
+            return out
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{missing} updates still not indexed after {timeout_s}s: {counts}; is the consumer running?")
-        time.sleep(poll_s)
+            raise TimeoutError(f"updates still not indexed after {p.reconcile_timeout_s}s; is the consumer running?")
+        time.sleep(p.reconcile_poke_s)
+
+
+def replay_dead_letters(s: RunSettings, run_id: Optional[str] = None, reason_contains: Optional[str] = None) -> dict:
+    """Re-publishes the dead letters that match to the update queue (after a fix); the rest stay."""
+    from pipelines.writeback import replay_dead_letters as replay
+
+    p = s.config().publish
+    return replay(s.rabbit, p.queue, p.dead_letter_queue, run_id=run_id, reason_contains=reason_contains, batch_size=p.batch_size)

@@ -151,7 +151,7 @@ def test_rest_trigger_then_clearing_training_reruns_it_and_downstream_to_the_sam
     cleared = airflow.api("POST", f"/dags/{DAG_ID}/clearTaskInstances", json={
         "dry_run": False, "dag_run_id": run_id, "task_ids": ["train"], "include_downstream": True, "only_failed": False})
     assert cleared.status_code == 200, cleared.text
-    assert sorted(ti["task_id"] for ti in cleared.json()["task_instances"]) == ["evaluate", "predict", "publish", "train", "wait_indexed"]
+    assert sorted(ti["task_id"] for ti in cleared.json()["task_instances"]) == ["evaluate", "predict", "publish", "report", "train", "wait_indexed"]
     deadline = time.monotonic() + 60
     while airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"] == "success" and time.monotonic() < deadline:
         time.sleep(1)

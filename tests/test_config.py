@@ -17,8 +17,10 @@ def raw():
 def test_repo_config_loads_into_frozen_typed_records():
     cfg = load_config(REPO / "feature_config.yaml")
     assert isinstance(cfg, FeatureConfig)
-    assert [i.name for i in cfg.inputs] == ["title", "brand", "gender", "image"]
+    assert [i.name for i in cfg.inputs] == ["title", "title_chars", "brand", "gender", "image"]
     assert isinstance(cfg.inputs[0], TextInput) and isinstance(cfg.image, ImageInput)
+    assert (cfg.inputs[0].tokens, cfg.inputs[0].ngram_range) == ("words", (1, 2))
+    assert (cfg.inputs[1].tokens, cfg.inputs[1].ngram_range) == ("char_ngrams", (3, 4))
     assert cfg.model.hidden_units == (256, 128)
     with pytest.raises(AttributeError):
         cfg.model.type = "linear"
@@ -44,7 +46,13 @@ def test_unknown_top_level_section_rejected(raw):
         (lambda r: r["inputs"][0].update(vocab_size="many"), r"inputs\[0\].vocab_size: expected a number"),
         (lambda r: r["labels"]["attributes"][0].update(source="gender"), "both input and label"),
         (lambda r: r["labels"]["attributes"][0].update(name="title"), "names used twice"),
-        (lambda r: r["inputs"][3].update(encoder="vgg"), "encoder: must be one of"),
+        (lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(encoder="vgg"), "encoder: must be one of"),
+        (lambda r: r["inputs"][0].update(tokens="sentencepiece"), "tokens: must be one of"),
+        (lambda r: r["inputs"][0].update(ngram_range=[3, 2]), "ngram_range: must be"),
+        (lambda r: r["inputs"][0].update(ngram_range=[1]), "ngram_range: must be"),
+        (lambda r: r["model"].update(threshold_labels="test"), "model.threshold_labels: must be one of"),
+        (lambda r: r["model"].update(self_training_rounds=-1), "model.self_training_rounds"),
+        (lambda r: r["model"].update(self_training_threshold=0.9), r"model: unknown key\(s\) \['self_training_threshold'\]"),
     ],
 )
 def test_invalid_values_rejected_with_the_key(raw, mutate, message):
@@ -56,7 +64,7 @@ def test_invalid_values_rejected_with_the_key(raw, mutate, message):
 
 def test_dropping_an_input_needs_no_code_change(raw):
     raw["inputs"] = [i for i in raw["inputs"] if i["name"] != "brand"]
-    assert [i.name for i in parse_config(raw).inputs] == ["title", "gender", "image"]
+    assert [i.name for i in parse_config(raw).inputs] == ["title", "title_chars", "gender", "image"]
 
 
 def test_replace_model_validates(raw):

@@ -10,7 +10,7 @@ from conftest import REPO
 HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "pipelines.scann_search", "elasticsearch", "pika")
 
 
-DAG_IDS = ("prodcat_categorise", "prodcat_visual_neighbours")
+DAG_IDS = ("prodcat_categorise", "prodcat_replay_dead_letters", "prodcat_visual_neighbours")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,19 @@ def test_schedule_and_run_policy(bag, dag_id):
     assert dag.max_active_runs == 1
     assert "prodcat" in dag.tags and dag.doc_md
     assert all(t.retries == 2 and t.retry_exponential_backoff and t.execution_timeout is not None for t in dag.tasks)
-    assert bag.dags["prodcat_categorise"].schedule == "@weekly"
+    schedules = {"prodcat_categorise": "@weekly", "prodcat_replay_dead_letters": None}
+    if dag_id in schedules:
+        assert dag.schedule == schedules[dag_id]
+
+
+@pytest.mark.parametrize("dag_id", ["prodcat_categorise", "prodcat_visual_neighbours"])
+def test_wait_indexed_is_a_rescheduling_sensor_with_the_configured_limits(bag, dag_id):
+    from pipelines.config import load_config
+
+    publish = load_config(REPO / "feature_config.yaml").publish
+    sensor = bag.dags[dag_id].get_task("wait_indexed")
+    assert sensor.mode == "reschedule"
+    assert (sensor.poke_interval, sensor.timeout) == (publish.reconcile_poke_s, publish.reconcile_timeout_s)
 
 
 def test_default_params_validate(dag):

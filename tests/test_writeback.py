@@ -1,0 +1,82 @@
+"""The reconciler and the dead-letter replay against the real RabbitMQ and the Elasticsearch stand-in."""
+import json
+
+import pytest
+from elasticsearch import helpers
+
+from benchmarks.chaos import write_predictions
+from pipelines.publish import declare_queues, message
+from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
+from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters
+
+
+@pytest.fixture
+def target(es, rabbit_vhost, unique, tmp_path):
+    index, queue, dlq = f"wb-{unique}", f"wb-q-{unique}", f"wb-dlq-{unique}"
+    recreate_index(es, index, PRODUCT_MAPPINGS)
+    helpers.bulk(es, ({"_index": index, "_id": str(i), "_source": {"id": str(i)}} for i in range(5)), refresh=True)
+    write_predictions(str(tmp_path / "predict"), 5)
+    connection = rabbit_vhost.connect()
+    declare_queues(connection.channel(), queue, dlq)
+    connection.close()
+    yield Target(es=es, rabbit=rabbit_vhost, index=index, queue=queue, dead_letter_queue=dlq, kind="predictions",
+                 source_dir=str(tmp_path / "predict"), run_id=f"run-{unique}", version=7, publish_workers=1)
+    connection = rabbit_vhost.connect()
+    channel = connection.channel()
+    channel.queue_delete(queue)
+    channel.queue_delete(dlq)
+    connection.close()
+
+
+def take_all(rabbit, queue):
+    """Acks every waiting message without writing it: a consumer whose writes all vanish."""
+    connection = rabbit.connect()
+    channel = connection.channel()
+    out = []
+    while True:
+        method, _props, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        out.append(json.loads(body))
+    connection.close()
+    return out
+
+
+def test_reconciler_republishes_exactly_the_missing_updates_then_fails_naming_them(es, target):
+    helpers.bulk(es, ({"_op_type": "update", "_index": target.index, "_id": i, "doc": {"prediction_version": 7}} for i in ("0", "1")),
+                 refresh=True)
+    state = ReconcileState(published=5)
+    republished = []
+    with pytest.raises(NotWritten) as failed:
+        for _ in range(10):
+            state = check(target, state, stall_checks=1, max_attempts=2)
+            republished.append(sorted(m["id"] for m in take_all(target.rabbit, target.queue)))
+    assert [r for r in republished if r] == [["2", "3", "4"], ["2", "3", "4"]]
+    assert [a["republished"] for a in state.attempts] == [3, 3]
+    assert sorted(failed.value.ids) == ["2", "3", "4"] and "2, 3, 4" in str(failed.value)
+
+
+def test_reconciler_finishes_when_every_update_is_written_or_dead_lettered(es, target):
+    helpers.bulk(es, ({"_op_type": "update", "_index": target.index, "_id": str(i), "doc": {"prediction_version": 8}} for i in range(4)),
+                 refresh=True)  # four hold a newer run's update
+    es.index(index="prodcat-dead-letters", document={"id": "4", "run_id": target.run_id, "kind": "predictions", "reason": "http_400"},
+             refresh=True)
+    state = check(target, ReconcileState(published=5), stall_checks=1, max_attempts=1)
+    assert state.finished and state.attempts == [] and take_all(target.rabbit, target.queue) == []
+
+
+def test_replay_moves_matching_dead_letters_back_and_keeps_the_rest(target):
+    good = message("predictions", "3", target.run_id, "m", 7, {"categories": [], "attributes": {}})
+    letters = [{"reason": "http_404: document_missing_exception", "run_id": target.run_id, "body": json.dumps(good)},
+               {"reason": "invalid_json: Expecting value", "body": "{not json"},
+               {"reason": "http_404: document_missing_exception", "run_id": "another-run", "body": json.dumps(good)}]
+    connection = target.rabbit.connect()
+    channel = connection.channel()
+    for letter in letters:
+        channel.basic_publish("", target.dead_letter_queue, json.dumps(letter).encode())
+    connection.close()
+    counts = replay_dead_letters(target.rabbit, target.queue, target.dead_letter_queue, run_id=target.run_id, reason_contains="http_404")
+    assert counts == {"replayed": 1, "kept": 2}
+    assert take_all(target.rabbit, target.queue) == [good]
+    assert sorted(d["reason"][:8] + d.get("run_id", "") for d in take_all(target.rabbit, target.dead_letter_queue)) == sorted(
+        ["http_404another-run", "invalid_"])
