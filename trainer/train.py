@@ -300,8 +300,8 @@ def eval_thresholds(
 
 
 def epoch_progress(examples_per_epoch: int, epochs: int, label: str):
-    """A Keras callback that logs each epoch (i/n, losses, examples/s, ETA if no early stop) and
-    keeps the seconds spent in epochs (training steps plus the epoch's validation)."""
+    """A Keras callback that logs each epoch: i/n, losses, examples/s, seconds (training steps
+    plus the epoch's validation) and the ETA of the remaining epochs if none stops early."""
     import tensorflow as tf
 
     class EpochProgress(tf.keras.callbacks.Callback):
@@ -309,6 +309,7 @@ def epoch_progress(examples_per_epoch: int, epochs: int, label: str):
             super().__init__()
             self.seconds = 0.0
             self.epochs_run = 0
+            self.started = time.perf_counter()
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
@@ -328,13 +329,14 @@ def epoch_progress(examples_per_epoch: int, epochs: int, label: str):
 
 def fit(model, train_ds, eval_ds, epochs: int, examples_per_epoch: int, label: str) -> Tuple[Dict[str, List[float]], float]:
     """Fits with early stopping on the eval category loss (best weights kept); returns the
-    history and the seconds spent in epochs (training steps plus per-epoch validation)."""
+    history and the wall-clock seconds of ``model.fit``."""
     import tensorflow as tf
 
     stop = tf.keras.callbacks.EarlyStopping(monitor=f"val_{CATEGORIES}_loss", patience=2, restore_best_weights=True)
-    progress = epoch_progress(examples_per_epoch, epochs, label)
-    history = model.fit(train_ds, validation_data=eval_ds, epochs=epochs, verbose=0, callbacks=[stop, progress])
-    return {k: [float(v) for v in vals] for k, vals in history.history.items()}, progress.seconds
+    started = time.perf_counter()
+    history = model.fit(train_ds, validation_data=eval_ds, epochs=epochs, verbose=0,
+                        callbacks=[stop, epoch_progress(examples_per_epoch, epochs, label)])
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}, time.perf_counter() - started
 
 
 def finest_micro_f1(metrics: dict) -> Optional[float]:
@@ -401,9 +403,9 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
         "self_training": rounds,
         "attribute_vocabularies": attr_vocab,
         "history": history,
-        # Examples fed through training steps over the seconds of the epochs that fed them
-        # (steps, per-epoch validation, first-epoch tracing); self-training's scoring passes,
-        # thresholds and export are in train_seconds only.
+        # Examples fed through training steps over the wall-clock seconds of the model.fit calls
+        # that fed them (steps, per-epoch validation, tracing, early stopping's weight copies);
+        # self-training's scoring passes and thresholds are in train_seconds only.
         "train_examples": train_examples,
         "train_fit_seconds": round(fit_seconds, 2),
         "train_seconds": round(train_seconds, 2),
