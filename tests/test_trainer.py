@@ -11,7 +11,7 @@ from pipelines.config import load_config
 from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
-from trainer.model import CATEGORIES, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
+from trainer.model import CATEGORIES, LazyAdam, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
 from pipelines.preprocess import label_vectors
 from trainer.train import choose_thresholds, pseudo_labels
 
@@ -43,6 +43,20 @@ def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_typ
     assert out[CATEGORIES].shape == (batch, len(TREE))
     assert out["colour"].shape == (batch, 4)
     assert np.all((out[CATEGORIES].numpy() >= 0) & (out[CATEGORIES].numpy() <= 1))
+
+
+def test_lazy_adam_updates_only_the_rows_of_a_sparse_gradient_and_matches_adam_on_them():
+    lazy_table, adam_table = tf.Variable(tf.ones([4, 2])), tf.Variable(tf.ones([4, 2]))
+    lazy, adam = LazyAdam(learning_rate=0.1), tf.keras.optimizers.Adam(learning_rate=0.1)
+    # Row 1 twice in one gradient (summed), row 3 once; rows 0 and 2 untouched.
+    grad = tf.IndexedSlices(tf.constant([[1.0, -1.0], [0.5, 0.5], [2.0, 0.0]]), tf.constant([1, 3, 1]), tf.constant([4, 2]))
+    lazy.apply_gradients([(grad, lazy_table)])
+    adam.apply_gradients([(tf.convert_to_tensor(grad), adam_table)])
+    np.testing.assert_allclose(lazy_table.numpy()[[0, 2]], 1.0)
+    np.testing.assert_allclose(lazy_table.numpy()[[1, 3]], adam_table.numpy()[[1, 3]], rtol=1e-6)
+    dense = tf.Variable(tf.ones([2]))
+    LazyAdam(learning_rate=0.1).apply_gradients([(tf.constant([1.0, 0.0]), dense)])
+    assert dense.numpy()[0] < 1.0
 
 
 def test_attribute_head_loss_is_zero_where_label_missing():
