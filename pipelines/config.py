@@ -114,6 +114,7 @@ class Model:
     self_training_min_score: float = 0.9
     self_training_epochs: int = 3
     null_evidence_share: float = 0.0  # synthetic products with no known token (share of the training examples), negative everywhere
+    lazy_adam: bool = False  # sparse gradients update only the batch's rows (faster; cost quality on the benchmark)
     seed: int = 42
 
 

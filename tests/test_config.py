@@ -67,6 +67,15 @@ def test_dropping_an_input_needs_no_code_change(raw):
     assert [i.name for i in parse_config(raw).inputs] == ["title", "title_chars", "gender", "image"]
 
 
+def test_lazy_adam_is_a_model_flag_off_by_default(raw):
+    assert parse_config(raw).model.lazy_adam is False
+    raw["model"]["lazy_adam"] = True
+    assert parse_config(raw).model.lazy_adam is True
+    raw["model"]["lazy_adam"] = "yes"
+    with pytest.raises(ConfigError, match="lazy_adam"):
+        parse_config(raw)
+
+
 def test_replace_model_validates(raw):
     cfg = parse_config(raw)
     assert cfg.replace_model(type="linear").model.type == "linear"

@@ -162,5 +162,6 @@ def build_model(
     # The category loss is a mean over hundreds of mostly-negative classes: weighted up so that
     # the attribute heads' softmax losses do not dominate the shared layers.
     weights = {CATEGORIES: m.category_loss_weight, **{a.name: 1.0 for a in cfg.labels.attributes}}
-    model.compile(optimizer=LazyAdam(learning_rate=m.learning_rate), loss=losses, loss_weights=weights)
+    optimizer = (LazyAdam if m.lazy_adam else tf.keras.optimizers.Adam)(learning_rate=m.learning_rate)
+    model.compile(optimizer=optimizer, loss=losses, loss_weights=weights)
     return model
