@@ -20,7 +20,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import features, storage
 from benchmarks.results_file import write_results
 from pipelines.catalogue import RuleLabeller
 from pipelines.config import load_config
@@ -49,8 +49,8 @@ def sklearn_baseline(train_rows: List[dict], test_rows: List[dict], tree: Catego
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
-    labelled = [r for r in train_rows if r["rule_categories"]]
-    y = truth_matrix(tree, [r["rule_categories"] for r in labelled])
+    labelled = [r for r in train_rows if r[features.RULE_CATEGORIES]]
+    y = truth_matrix(tree, [r[features.RULE_CATEGORIES] for r in labelled])
     used = np.flatnonzero(y.any(axis=0) & ~y.all(axis=0))
     vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
     x = vectorizer.fit_transform([text_of(r) for r in labelled])
@@ -109,18 +109,19 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(REPO / "feature_config.yaml")
+    truth_field = cfg.labels.ground_truth_field
     tree = CategoryTree.from_records(storage.read_json(storage.join(args.preprocess_dir, "categories.json")))
-    rows = list(read_clean_rows(args.preprocess_dir, columns=["id", "title", "gender", "split", "rule_categories", "true_category"]))
+    rows = list(read_clean_rows(args.preprocess_dir, columns=["id", "title", "gender", "split", features.RULE_CATEGORIES, truth_field]))
     test = [r for r in rows if r["split"] == "test"]
     train_rows = [r for r in rows if r["split"] == "train"]
-    truth = truth_matrix(tree, [[r["true_category"]] for r in test])
+    truth = truth_matrix(tree, [[r[truth_field]] for r in test])
     levels: Dict[str, Dict[str, dict]] = {}
 
     def add(system: str, metrics: dict) -> None:
         for lvl, values in level_summary(metrics).items():
             levels.setdefault(lvl, {})[system] = values
 
-    rules = truth_matrix(tree, [r["rule_categories"] or [] for r in test])
+    rules = truth_matrix(tree, [r[features.RULE_CATEGORIES] or [] for r in test])
     rules_metrics = evaluate_predictions(rules.astype(np.float32), rules, truth, tree)
     add("rules", rules_metrics)
     scores, positive, sk_info = sklearn_baseline(train_rows, test, tree)
@@ -164,12 +165,12 @@ def main() -> None:
         "seeds_per_model": {m: [r["seed"] for r in rs] for m, rs in runs.items()},
         "model_rows_are": "each model type's run with the median hierarchical F1 over its seeds",
         "thresholds_from": median_run[best]["thresholds_from"],
-        "rule_reach_level_3": round(rule_reach(tree, Path(args.rules), [r["true_category"] for r in test], 3), 4),
+        "rule_reach_level_3": round(rule_reach(tree, Path(args.rules), [r[truth_field] for r in test], 3), 4),
         "train_examples_per_s": round(median_run[best]["train_examples_per_s"], 1),
         "train_examples_per_s_by_model": {m: round(v["train_examples_per_s"], 1) for m, v in median_run.items()},
         "sklearn": sk_info,
         "split": {s: sum(r["split"] == s for r in rows) for s in ("train", "eval", "test")},
-        "labelled_train_examples": sum(bool(r["rule_categories"]) for r in train_rows),
+        "labelled_train_examples": sum(bool(r[features.RULE_CATEGORIES]) for r in train_rows),
     }
     write_results(NAME, result)
     print(json.dumps({k: v for k, v in result.items() if k != "levels"}, indent=1))

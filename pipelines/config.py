@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
+VERSIONS = (1,)  # of the file's layout; a file of another version is refused, not misread
 INPUT_KINDS = ("text", "categorical", "dense", "image")
 MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
@@ -81,7 +82,6 @@ class AttributeLabel:
 
 @dataclasses.dataclass(frozen=True)
 class Labels:
-    tree_index: str
     levels: int
     rule_field: str
     ground_truth_field: str
@@ -256,6 +256,7 @@ def _validate(cfg: FeatureConfig) -> None:
     if len(cfg.inputs_of("image")) > 1:
         raise ConfigError("inputs: at most one image input is supported")
     checks = [
+        (cfg.version in VERSIONS, f"version: must be one of {list(VERSIONS)}"),
         (cfg.model.type in MODEL_TYPES, f"model.type: must be one of {list(MODEL_TYPES)}"),
         (cfg.neighbours.group_by in GROUP_BY, f"neighbours.group_by: must be one of {list(GROUP_BY)}"),
         (1 <= cfg.neighbours.group_level <= cfg.labels.levels, "neighbours.group_level: must be within labels.levels"),

@@ -130,7 +130,7 @@ class ValidateProduct(beam.DoFn):
         if len(rules) != len(raw_rules):
             self._unknown_label.inc(len(raw_rules) - len(rules))
         labels, mask = label_vectors(self._tree, rules)
-        row["rule_categories"] = self._tree.closure(rules)
+        row[features.RULE_CATEGORIES] = self._tree.closure(rules)
         row[features.LABELS] = labels
         row[features.LABEL_MASK] = mask
         split = self._cfg.split
@@ -235,7 +235,7 @@ def clean_parquet_schema(cfg: FeatureConfig, attribute_sources: Sequence[str]) -
     return pa.schema(
         [(f, pa.string()) for f in string_fields]
         + [
-            ("rule_categories", pa.list_(pa.string())),
+            (features.RULE_CATEGORIES, pa.list_(pa.string())),
             ("has_image", pa.int64()),
             ("image_embedding", pa.list_(pa.float32())),
         ]

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 from pipelines import storage
 from pipelines.config import CategoricalInput, FeatureConfig, TextInput, Validation
+from pipelines.features import RULE_CATEGORIES
 from pipelines.preprocess import read_clean_rows
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,14 @@ def compute_statistics(cfg: FeatureConfig, preprocess_dir: str) -> Dict:
     chars: Counter = Counter()
     labels: Counter = Counter()
     rows = labelled = no_image = 0
-    for row in read_clean_rows(preprocess_dir, columns=[*sources, "rule_categories", "has_image"]):
+    for row in read_clean_rows(preprocess_dir, columns=[*sources, RULE_CATEGORIES, "has_image"]):
         rows += 1
         for s in sources:
             value = row.get(s) or ""
             missing[s] += not value
             chars[s] += len(value)
-        labelled += bool(row["rule_categories"])
-        labels.update(row["rule_categories"] or [])
+        labelled += bool(row[RULE_CATEGORIES])
+        labels.update(row[RULE_CATEGORIES] or [])
         no_image += not row["has_image"]
     features = {s: {"missing_rate": missing[s] / max(rows, 1), "mean_chars": chars[s] / max(rows, 1)} for s in sources}
     for inp in cfg.inputs:

@@ -61,12 +61,13 @@ class RunSettings:
 
 
 def dump(s: RunSettings) -> str:
-    from pipelines.dump import dump_products, product_query
+    from pipelines.dump import dump_products, product_fields, product_query
 
+    cfg = s.config()
     out = s.stage("dump")
     es = s.es.client()
-    dump_products(es, s.products_index, s.categories_index, out, slices=s.dump_slices, limit=s.limit,
-                  query=product_query(s.categories))
+    dump_products(es, s.products_index, s.categories_index, out, product_fields(cfg), slices=s.dump_slices, limit=s.limit,
+                  query=product_query(cfg.labels.rule_field, s.categories))
     return out
 
 

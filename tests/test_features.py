@@ -17,7 +17,7 @@ CONFIG = {
         {"name": "gender", "kind": "categorical", "source": "gender", "oov_buckets": 1},
     ],
     "labels": {
-        "tree_index": "categories", "levels": 2, "rule_field": "rule_categories", "ground_truth_field": "true_category",
+        "levels": 2, "rule_field": "rule_categories", "ground_truth_field": "true_category",
         "attributes": [{"name": "colour", "source": "base_colour"}],
     },
 }

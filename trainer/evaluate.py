@@ -10,6 +10,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import FeatureConfig
+from pipelines.features import RULE_CATEGORIES
 from pipelines.preprocess import read_clean_rows
 from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import decide
@@ -55,7 +56,7 @@ def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, spli
         raw.append(outputs["category_scores"])
         scores.append(closed)
         positives.append(positive)
-        rule_sets.extend(r["rule_categories"] or [] for r in batch)
+        rule_sets.extend(r[RULE_CATEGORIES] or [] for r in batch)
         true_sets.extend([r[cfg.labels.ground_truth_field]] if r.get(cfg.labels.ground_truth_field) else [] for r in batch)
         for attr in cfg.labels.attributes:
             if not vocab.get(attr.name):

@@ -80,7 +80,7 @@ class ServingModel:
             return None
         y = np.zeros((len(rows), len(self.tree)), dtype=bool)
         for i, row in enumerate(rows):
-            for cid in self.tree.closure([c for c in row.get("rule_categories") or [] if c in self.tree]):
+            for cid in self.tree.closure([c for c in row.get(features.RULE_CATEGORIES) or [] if c in self.tree]):
                 y[i, self.tree.index[cid]] = True
         return y
 

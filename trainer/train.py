@@ -242,7 +242,7 @@ def eval_thresholds(
         rows, truth = golden
         scores, mask = score_rows(serve, cfg, rows), np.ones(truth.shape, dtype=np.float32)
         if m.keep_rule_labels:
-            rules = truth_matrix(tree, [[c for c in r.get("rule_categories") or [] if c in tree] for r in rows])
+            rules = truth_matrix(tree, [[c for c in r.get(features.RULE_CATEGORIES) or [] if c in tree] for r in rows])
             scores = np.where(rules, np.float32(1.0), scores)
     else:
         scores, labels, mask = score_examples(model, eval_ds)
