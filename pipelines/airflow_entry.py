@@ -144,13 +144,13 @@ def run_settings(context: Mapping[str, Any], config_path: str, project: Optional
 
 
 def run_task(name: str, config_path: str, *paths: str) -> Any:
-    """Runs :mod:`pipelines.tasks` function ``name`` for the current Airflow task."""
+    """Runs stage ``name`` of :data:`pipelines.tasks.TASKS` for the current Airflow task."""
     from airflow.sdk import get_current_context
 
     from pipelines import tasks
 
     with google_cloud_credentials() as project:
-        return getattr(tasks, name)(run_settings(get_current_context(), config_path, project), *paths)
+        return tasks.TASKS[name](run_settings(get_current_context(), config_path, project), *paths)
 
 
 def poke_indexed(config_path: str, publish_dir: str) -> Any:

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "data" / "fashion_slice"
 RULES = REPO / "data" / "labelling_rules.yaml"
 TREE = REPO / "data" / "fashion_categories.json"
+# the names of pipelines.tasks.TASKS, which tests/test_dag.py checks; importing it here would load Beam for every command
 STAGES = ("dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "publish_predictions",
           "neighbours", "publish_neighbours", "wait_indexed", "report")
 
@@ -92,7 +93,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
         es=_es(args), rabbit=_rabbit(args), model_type=args.model_type, limit=args.limit,
         beam_args=tuple(["--runner=DirectRunner", *args.beam_arg]),
     )
-    print(getattr(tasks, args.stage)(settings, *args.paths))
+    print(tasks.TASKS[args.stage](settings, *args.paths))
 
 
 def airflow_env(airflow_home: Path, data_root: str, es_url: str, rabbit_host: str, rabbit_port: int) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from pipelines import storage
 from pipelines.config import FeatureConfig, load_config
@@ -148,7 +148,7 @@ def report(s: RunSettings) -> str:
     return write_report(s.config(), s.run_dir, s.stage("report"))
 
 
-def _target(s: RunSettings, kind: str, source_dir: str) -> "Target":
+def _target(s: RunSettings, kind: str, source_dir: str) -> Target:
     from pipelines.writeback import Target
 
     p = s.config().publish
@@ -225,3 +225,20 @@ def replay_dead_letters(s: RunSettings, run_id: Optional[str] = None, reason_con
 
     p = s.config().publish
     return replay(s.rabbit, p.queue, p.dead_letter_queue, run_id=run_id, reason_contains=reason_contains, batch_size=p.batch_size)
+
+
+TASKS: Dict[str, Callable[..., Any]] = {
+    "dump": dump,
+    "preprocess": preprocess,
+    "validate_statistics": validate_statistics,
+    "train": train,
+    "evaluate": evaluate,
+    "predict": predict,
+    "publish_predictions": publish_predictions,
+    "neighbours": neighbours,
+    "publish_neighbours": publish_neighbours,
+    "wait_indexed": wait_indexed,
+    "report": report,
+}
+"""The stages by the names the DAGs (:func:`pipelines.airflow_entry.run_task`) and the CLI
+(``prodcat stage NAME``) use; each takes the :class:`RunSettings` and its input folders."""
