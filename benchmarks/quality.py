@@ -5,8 +5,7 @@ configured model type over three training seeds (median, min, max), the others w
 
     python -m benchmarks.quality --preprocess-dir .prodcat/bench/data/runs/prodcat_categorise/bench/preprocess
 
-With ``--reuse`` finished runs in ``--work-dir`` are read back, so that it can run in parts
-(``--models wide_deep --seeds 42``, ...) and a last call assembles the results file.
+Every figure it writes is measured in that call: nothing is read back from earlier runs.
 """
 from __future__ import annotations
 
@@ -20,8 +19,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from pipelines import features, storage
 from benchmarks.results_file import write_results
+from pipelines import features, storage
 from pipelines.catalogue import RuleLabeller
 from pipelines.config import load_config
 from pipelines.preprocess import read_clean_rows
@@ -72,15 +71,12 @@ def rule_reach(tree: CategoryTree, rules_path: Path, true_ids: List[str], level:
     return sum(any(c in emitted for c in path) for path in at_level) / max(len(at_level), 1)
 
 
-def run_model(cfg, model_type: str, seed: int, preprocess_dir: str, work_dir: str, reuse: bool) -> dict:
-    """Trains and evaluates one model type with one seed; with ``reuse``, a finished run's result is read back."""
+def run_model(cfg, model_type: str, seed: int, preprocess_dir: str, work_dir: str) -> dict:
+    """Trains and evaluates one model type with one seed."""
     from trainer.evaluate import evaluate_model
     from trainer.train import train
 
     model_dir = os.path.join(work_dir, f"{model_type}-seed{seed}")
-    result_path = model_dir + ".json"
-    if reuse and os.path.exists(result_path):
-        return storage.read_json(result_path)
     run_cfg = cfg.replace_model(type=model_type, seed=seed)
     started = time.perf_counter()
     card = train(run_cfg, preprocess_dir, model_dir, f"bench-{model_type}-{seed}", "bench")
@@ -89,7 +85,6 @@ def run_model(cfg, model_type: str, seed: int, preprocess_dir: str, work_dir: st
     result = {"model": model_type, "seed": seed, "ground_truth": metrics["ground_truth"], "train_seconds": round(train_seconds, 1),
               "train_examples_per_s": card["train_examples_per_s"], "epochs": len(card["history"]["loss"]),
               "self_training": card["self_training"], "thresholds_from": card["thresholds_from"]}
-    storage.write_json(result_path, result)
     return result
 
 
@@ -104,7 +99,6 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
                         help="training seeds of the configured model type; the other types run with the first")
-    parser.add_argument("--reuse", action="store_true", help="read back runs already finished in --work-dir (to run in parts)")
     parser.add_argument("--rules", default=str(REPO / "data" / "labelling_rules.yaml"))
     args = parser.parse_args()
 
@@ -130,7 +124,7 @@ def main() -> None:
     runs: Dict[str, List[dict]] = {}
     for model_type in args.models:
         for seed in args.seeds if model_type == cfg.model.type else args.seeds[:1]:
-            run = run_model(cfg, model_type, seed, args.preprocess_dir, args.work_dir, args.reuse)
+            run = run_model(cfg, model_type, seed, args.preprocess_dir, args.work_dir)
             runs.setdefault(model_type, []).append(run)
             print(model_type, seed, json.dumps(level_summary(run["ground_truth"])), flush=True)
     # A model's row: the run with the median hierarchical F1 over its seeds.
