@@ -7,13 +7,12 @@ to read the DAG's runs. Registered through the ``airflow.plugins`` entry point i
 """
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import HTMLResponse
-
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
 
 URL_PREFIX = "/prodcat"
 REPORT_TASK = "report"

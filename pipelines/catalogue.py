@@ -38,7 +38,7 @@ class RuleLabeller:
         self.rules = tuple(rules)
 
     @classmethod
-    def from_yaml(cls, path: str, tree: CategoryTree) -> "RuleLabeller":
+    def from_yaml(cls, path: str, tree: CategoryTree) -> RuleLabeller:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
         rules = [

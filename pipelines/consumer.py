@@ -23,9 +23,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import pika
 import tenacity
-from elasticsearch import ApiError, Elasticsearch
+from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch
 from elasticsearch import ConnectionError as EsConnectionError
-from elasticsearch import ConnectionTimeout
 
 from pipelines.publish import KINDS, RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
 from pipelines.search_index import DEAD_LETTER_MAPPINGS, ensure_index

@@ -155,7 +155,7 @@ def _batched(messages: Iterable[dict], size: int) -> Iterator[List[dict]]:
 _DONE = None
 
 
-def _queued(inbox: "queue_module.Queue") -> Iterator[dict]:
+def _queued(inbox: queue_module.Queue) -> Iterator[dict]:
     while True:
         batch = inbox.get()
         if batch is _DONE:
@@ -194,7 +194,7 @@ def publish_parallel(
                 except queue_module.Full:
                     if futures[shard].done():
                         futures[shard].result()  # raises the worker's error
-                        raise RuntimeError(f"publisher worker {shard} stopped early")
+                        raise RuntimeError(f"publisher worker {shard} stopped early") from None
 
         batches: List[List[dict]] = [[] for _ in range(workers)]
         try:

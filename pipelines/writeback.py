@@ -144,7 +144,7 @@ class ReconcileState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, value: dict) -> "ReconcileState":
+    def from_json(cls, value: dict) -> ReconcileState:
         return cls(**value)
 
 

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 ES_PORT = 9250
 VHOST = "prodcat-test"
 AIRFLOW_HOME = REPO / ".prodcat" / "test-airflow"
+TIERS = ("unit", "service", "e2e")  # the markers of pyproject.toml; each test module carries one
 
 
 def pytest_configure(config):
@@ -29,6 +30,13 @@ def pytest_configure(config):
     os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
     os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+
+def pytest_collection_modifyitems(items):
+    """Refuses a test with no tier marker, so that ``-m unit`` cannot silently leave one out."""
+    unmarked = sorted({item.nodeid.split("::")[0] for item in items if not any(item.get_closest_marker(t) for t in TIERS)})
+    if unmarked:
+        raise pytest.UsageError(f"tests without one of the markers {list(TIERS)} (pytestmark = pytest.mark.unit ...): {unmarked}")
 
 
 def _port_open(port: int) -> bool:

@@ -10,6 +10,8 @@ from airflow.sdk import Connection
 
 from pipelines import airflow_entry
 
+pytestmark = pytest.mark.unit
+
 KEY = {"type": "service_account", "project_id": "acme-catalogue", "private_key_id": "k1"}
 
 

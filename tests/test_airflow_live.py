@@ -20,6 +20,8 @@ from trainer.predict import read_predictions
 
 from conftest import REPO
 
+pytestmark = pytest.mark.e2e
+
 DAG_ID = "prodcat_categorise"
 UPDATE_FIELDS = ("predicted_categories", "predicted_attributes", "model_version", "prediction_version", "prodcat_run_id")
 

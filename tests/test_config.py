@@ -11,6 +11,8 @@ from pipelines.config import ConfigError, FeatureConfig, ImageInput, Input, Text
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 INPUT_CLASSES = {record.kind: record for record in typing.get_args(Input)}
 
 

@@ -16,6 +16,8 @@ from pipelines.taxonomy import CategoryTree
 
 from conftest import REPO
 
+pytestmark = pytest.mark.service
+
 TOPS = "Apparel > Topwear > Tshirts"
 SHOES = "Footwear > Shoes > Casual Shoes"
 CFG = load_config(REPO / "feature_config.yaml")

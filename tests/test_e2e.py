@@ -17,6 +17,8 @@ from pipelines.search_index import EsConnection
 
 from conftest import REPO
 
+pytestmark = pytest.mark.e2e
+
 
 def all_docs(es, index):
     es.indices.refresh(index=index)

@@ -10,6 +10,8 @@ from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 from pipelines import features
 from pipelines.config import parse_config
 
+pytestmark = pytest.mark.unit
+
 CONFIG = {
     "inputs": [
         {"name": "title", "kind": "text", "source": "title", "vocab_size": 3, "oov_buckets": 1},
@@ -63,7 +65,7 @@ def test_preprocessing_fn_exact_outputs():
     np.testing.assert_allclose(out[0]["labels"], [1.0, 0.0])
 
 
-def test_tfidf_weights_sum_per_document_and_ids_are_in_range():
+def test_tfidf_ids_are_in_range_each_with_a_positive_weight():
     cfg = parse_config(CONFIG)
     out = run_transform([row("red red shirt", "Men", "Red"), row("blue shirt", "Men", "Blue")], cfg)
     for o in out:

@@ -7,6 +7,8 @@ import pytest
 from pipelines.config import Neighbours
 from pipelines.neighbours import exact_search, normalise, search_group
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = Neighbours()
 
 

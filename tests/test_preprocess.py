@@ -21,6 +21,8 @@ from pipelines.taxonomy import CategoryTree
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 TREE = CategoryTree.from_paths([("Apparel", "Topwear", "Tshirts"), ("Apparel", "Topwear", "Shirts"), ("Footwear", "Shoes", "Heels")])
 
 

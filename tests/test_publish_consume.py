@@ -15,6 +15,8 @@ from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
 
 from conftest import ES_PORT, REPO, start_elasticsearch, stop_elasticsearch
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture
 def setup(es, es_url, rabbit_vhost, unique, tmp_path):

@@ -27,6 +27,8 @@ from trainer.metrics import evaluate_predictions, truth_matrix
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]

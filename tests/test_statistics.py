@@ -6,6 +6,8 @@ import pytest
 from pipelines.config import Validation
 from pipelines.statistics import find_anomalies
 
+pytestmark = pytest.mark.unit
+
 LIMITS = Validation(min_rows=10, max_missing_rate={"image": 0.9})
 
 

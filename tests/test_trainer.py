@@ -4,18 +4,20 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 import tensorflow as tf
+import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 
 from pipelines.config import load_config
+from pipelines.preprocess import label_vectors
 from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import CATEGORIES, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
-from pipelines.preprocess import label_vectors
 from trainer.train import choose_thresholds, pseudo_labels
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 TREE = CategoryTree.from_paths([("A", "A1", "A1x"), ("A", "A1", "A1y"), ("A", "A2", "A2x"), ("B", "B1", "B1x")])
 

@@ -9,6 +9,8 @@ from pipelines.publish import declare_queues, message
 from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
 from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture
 def target(es, rabbit_vhost, unique, tmp_path):

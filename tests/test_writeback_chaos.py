@@ -1,9 +1,13 @@
 """Write-back under the combined faults of issue 13 (consumer killed, broker restarted, the
 Elasticsearch stand-in stopped, poison messages, an old version replayed), against the real RabbitMQ
 and the stand-in: the reconciler brings every product to the newest version."""
+import pytest
+
 from benchmarks.chaos import Faults, run_chaos
 
 from conftest import ES_PORT, start_elasticsearch, stop_elasticsearch
+
+pytestmark = pytest.mark.service
 
 
 def test_combined_faults_leave_every_product_at_the_newest_version_and_poison_dead_lettered(es, es_url, rabbit_vhost, unique, tmp_path):

@@ -61,7 +61,7 @@ class ServingModel:
     tree: CategoryTree
 
     @classmethod
-    def load(cls, model_dir: str) -> "ServingModel":
+    def load(cls, model_dir: str) -> ServingModel:
         import tensorflow as tf
 
         card = storage.read_json(storage.join(model_dir, MODEL_CARD))
