@@ -121,7 +121,7 @@ class ValidateProduct(beam.DoFn):
             if len(row[field]) > self._max_chars:
                 self._truncated.inc()
                 row[field] = row[field][: self._max_chars]
-        image_url = doc.get("image_url")
+        image_url = doc.get(self._cfg.image.source) if self._cfg.image else None
         row["image_url"] = image_url if isinstance(image_url, str) and image_url else ""
         raw_rules = doc.get(self._cfg.labels.rule_field) or []
         if not isinstance(raw_rules, list):
