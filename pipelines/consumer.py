@@ -135,7 +135,7 @@ class ConsumerSettings:
     flush_s: float = 2.0
     rate_limit_docs_per_s: float = 2000.0
     prefetch: int = 1500
-    concurrency: int = 2  # bulk requests in flight at once
+    concurrency: int = 1  # bulk requests in flight at once
     max_backoff_s: float = 30.0
     idle_exit_s: Optional[float] = None  # for one-shot runs: exit when the queue stays empty this long
 
