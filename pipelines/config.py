@@ -17,6 +17,7 @@ INPUT_KINDS = ("text", "categorical", "dense", "image")
 MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
 ENCODERS = ("efficientnet_lite0", "keras_resnet50")
+IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
 TOKENISERS = ("words", "char_ngrams")
 THRESHOLD_LABELS = ("rules", "golden")
@@ -66,6 +67,7 @@ class ImageInput:
     weights_path: Optional[str] = None
     fetch_timeout_s: float = 10.0
     fetch_retries: int = 2
+    runtime: str = "onnxruntime"  # efficientnet_lite0 only: "onnxruntime" or "torch" (eager float32)
     kind: str = "image"
 
 
@@ -271,6 +273,7 @@ def _validate(cfg: FeatureConfig) -> None:
     for inp in cfg.inputs:
         if isinstance(inp, ImageInput):
             checks.append((inp.encoder in ENCODERS, f"inputs.{inp.name}.encoder: must be one of {list(ENCODERS)}"))
+            checks.append((inp.runtime in IMAGE_RUNTIMES, f"inputs.{inp.name}.runtime: must be one of {list(IMAGE_RUNTIMES)}"))
         if isinstance(inp, TextInput):
             checks.append((inp.tokens in TOKENISERS, f"inputs.{inp.name}.tokens: must be one of {list(TOKENISERS)}"))
             lengths = inp.ngram_range

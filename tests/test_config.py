@@ -30,6 +30,7 @@ def test_repo_config_loads_into_frozen_typed_records():
     assert (cfg.inputs[0].tokens, cfg.inputs[0].ngram_range) == ("words", (1, 2))
     assert (cfg.inputs[1].tokens, cfg.inputs[1].ngram_range) == ("char_ngrams", (3, 4))
     assert cfg.model.hidden_units == (256, 128)
+    assert cfg.image.runtime == "onnxruntime"
     with pytest.raises(AttributeError):
         cfg.model.type = "linear"
 
@@ -56,6 +57,7 @@ def test_unknown_top_level_section_rejected(raw):
         (lambda r: r["labels"]["attributes"][0].update(source="gender"), "both input and label"),
         (lambda r: r["labels"]["attributes"][0].update(name="title"), "names used twice"),
         (lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(encoder="vgg"), "encoder: must be one of"),
+        (lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(runtime="bfloat16"), r"inputs.image.runtime: must be one of \['onnxruntime', 'torch'\]"),
         (lambda r: r["inputs"][0].update(tokens="sentencepiece"), "tokens: must be one of"),
         (lambda r: r["inputs"][0].update(ngram_range=[3, 2]), "ngram_range: must be"),
         (lambda r: r["inputs"][0].update(ngram_range=[1]), "ngram_range: must be"),
@@ -136,3 +138,11 @@ def test_every_config_record_field_is_accessed_as_an_attribute_outside_the_loade
             if field.name not in accessed_attribute_names():
                 unread.append(f"{record.__name__}.{field.name}")
     assert unread == []
+
+
+def test_image_runtime_torch_is_the_float32_reference_and_defaults_to_onnxruntime(raw):
+    image = next(i for i in raw["inputs"] if i["kind"] == "image")
+    image["runtime"] = "torch"
+    assert parse_config(raw).image.runtime == "torch"
+    del image["runtime"]
+    assert parse_config(raw).image.runtime == "onnxruntime"
