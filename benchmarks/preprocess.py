@@ -6,6 +6,7 @@ features in the same run.
 
     python -m benchmarks.preprocess --dump-dir .prodcat/bench/data/runs/prodcat_categorise/bench/dump --images ../shared/data/fashion/images
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def sklearn_rows_per_s(dump_dir: str) -> tuple:
     from sklearn.preprocessing import OneHotEncoder
 
     started = time.perf_counter()
-    frame = pd.concat(pd.read_json(p, lines=True, compression="gzip", dtype={"id": str}) for p in glob.glob(f"{dump_dir}/products-*.jsonl.gz"))
+    frame = pd.concat(
+        pd.read_json(p, lines=True, compression="gzip", dtype={"id": str}) for p in glob.glob(f"{dump_dir}/products-*.jsonl.gz")
+    )
     titles = frame["title"].fillna("").str.lower()
     TfidfVectorizer(max_features=20000).fit_transform(titles)
     brand = titles.str.extract(r"^(.*?)\s+(?:men|women|boys|girls|unisex|kids)\b", expand=False).fillna(titles.str.split().str[0])
@@ -89,8 +92,13 @@ def image_results(image_dir: str, count: int, batch: int) -> dict:
 
     chosen = load_config(REPO / "feature_config.yaml").image.runtime
     paths = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))[:count]
-    result = {"image_runtime": chosen, "image_batch_size": batch, "images_timed": len(paths),
-              "image_decode_per_s": round(decodes_per_s(paths), 1), "torch_threads": torch.get_num_threads()}
+    result = {
+        "image_runtime": chosen,
+        "image_batch_size": batch,
+        "images_timed": len(paths),
+        "image_decode_per_s": round(decodes_per_s(paths), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     reference = None
     for runtime in ("torch", chosen):
         rate, seconds, embeddings = images_per_s(paths, runtime, batch)
@@ -130,7 +138,7 @@ def main() -> None:
         "sklearn_seconds": round(sk_seconds, 1),
         "prodcat_to_sklearn_ratio": round(rows_per_s / sk_rows_per_s, 3),
         "note": "Beam rows/s covers the whole text+categorical pipeline: read, validate, dead letters, Parquet, "
-                "TFXIO, TFT analyse + transform, TFRecord write; the sklearn baseline only fits TF-IDF and one-hot in memory.",
+        "TFXIO, TFT analyse + transform, TFRecord write; the sklearn baseline only fits TF-IDF and one-hot in memory.",
     }
     write_results(NAME, result)
     print(json.dumps(result, indent=1))

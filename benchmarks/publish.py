@@ -16,6 +16,7 @@ so rows measured one after another on one instance would not compare.
 
     python -m benchmarks.publish [--messages 35000] [--chaos-updates 8918]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,13 @@ CHAOS_ES_PORT = 9270
 def updates(kind: str, n: int, version: int) -> Iterator[dict]:
     """``n`` updates of ``kind`` shaped like the pipeline's (three categories; 100 neighbours)."""
     if kind == "predictions":
-        body = {"categories": [{"id": c, "name": c, "level": level, "score": 0.9, "confident": True}
-                               for level, c in enumerate(("Apparel", "Topwear", "Tshirts"), start=1)],
-                "attributes": {"colour": {"value": "Blue", "score": 0.8}}}
+        body = {
+            "categories": [
+                {"id": c, "name": c, "level": level, "score": 0.9, "confident": True}
+                for level, c in enumerate(("Apparel", "Topwear", "Tshirts"), start=1)
+            ],
+            "attributes": {"colour": {"value": "Blue", "score": 0.8}},
+        }
     else:
         body = {"neighbours": [{"id": str(j), "score": round(1 - j / 1000, 4)} for j in range(100)]}
     for i in range(n):
@@ -69,8 +74,12 @@ class PrivateStandIn:
 
     def start(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
-        subprocess.run([self.noida, "up", "--data-dir", str(self.data), "--only", "elasticsearch", "--elasticsearch-port", str(self.port)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [self.noida, "up", "--data-dir", str(self.data), "--only", "elasticsearch", "--elasticsearch-port", str(self.port)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         es = self.client()
         deadline = time.monotonic() + 60
         while not es.ping() and time.monotonic() < deadline:
@@ -90,8 +99,12 @@ class PrivateStandIn:
         self.start()
         es = self.client()
         recreate_index(es, INDEX, PRODUCT_MAPPINGS)
-        helpers.bulk(es, ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(documents)),
-                     chunk_size=5000, refresh=True)
+        helpers.bulk(
+            es,
+            ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(documents)),
+            chunk_size=5000,
+            refresh=True,
+        )
         return es
 
 
@@ -105,17 +118,44 @@ def purge(rabbit: RabbitConnection, *queues: str) -> None:
 
 def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_exit_s: float = 3.0) -> List[dict]:
     """Runs ``processes`` consumers until the queue stays empty; returns each one's stats."""
-    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
-                               "consume", "--rate-limit", str(rate_limit), "--idle-exit-s", str(idle_exit_s)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "--es-url",
+                es_url,
+                "--products-index",
+                INDEX,
+                "--config",
+                str(config),
+                "consume",
+                "--rate-limit",
+                str(rate_limit),
+                "--idle-exit-s",
+                str(idle_exit_s),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
     return [json.loads(proc.communicate(timeout=3600)[0].strip().splitlines()[-1]) for proc in procs]
 
 
 def consumed_row(kind: str, processes: int, stats: List[dict]) -> dict:
     docs = sum(s["applied"] + s["noop"] for s in stats)
     seconds = max(s["last_ack_at"] for s in stats) - min(s["first_message_at"] for s in stats)
-    return {"kind": kind, "consumers": processes, "documents": docs, "dead_lettered": sum(s["dead_lettered"] for s in stats),
-            "indexed_docs_per_s": round(docs / seconds, 1)}
+    return {
+        "kind": kind,
+        "consumers": processes,
+        "documents": docs,
+        "dead_lettered": sum(s["dead_lettered"] for s in stats),
+        "indexed_docs_per_s": round(docs / seconds, 1),
+    }
 
 
 def stand_in_alone(es: Elasticsearch, kind: str, n: int, version: int, concurrency: int, bulk_size: int = 500) -> float:
@@ -140,13 +180,31 @@ def applied(es: Elasticsearch, version: int) -> int:
     return es.count(index=INDEX, query={"term": {"prediction_version": version}})["count"]
 
 
-def rate_limit_check(es: Elasticsearch, es_url: str, rabbit: RabbitConnection, queues: Dict[str, str], config: Path, setting: float,
-                     version: int) -> float:
+def rate_limit_check(
+    es: Elasticsearch, es_url: str, rabbit: RabbitConnection, queues: Dict[str, str], config: Path, setting: float, version: int
+) -> float:
     """Documents/s a consumer writes at ``setting``, over 10 s of a stream longer than that."""
     n = int(setting * 20)
     publish_parallel(rabbit, queues["queue"], queues["dead_letter_queue"], updates("predictions", n, version), 2)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
-                             "consume", "--rate-limit", str(setting)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "--es-url",
+            es_url,
+            "--products-index",
+            INDEX,
+            "--config",
+            str(config),
+            "consume",
+            "--rate-limit",
+            str(setting),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while applied(es, version) == 0:
             time.sleep(0.5)
@@ -164,8 +222,16 @@ def chaos(n: int) -> dict:
     stand_in = PrivateStandIn("bench-chaos-noida", CHAOS_ES_PORT)
     stand_in.start()
     try:
-        return run_chaos(stand_in.client(), stand_in.url, stand_in.stop, stand_in.start, RabbitConnection(),
-                         Path(tempfile.mkdtemp(prefix="bench-chaos-")), n, uuid.uuid4().hex[:8])
+        return run_chaos(
+            stand_in.client(),
+            stand_in.url,
+            stand_in.stop,
+            stand_in.start,
+            RabbitConnection(),
+            Path(tempfile.mkdtemp(prefix="bench-chaos-")),
+            n,
+            uuid.uuid4().hex[:8],
+        )
     finally:
         stand_in.stop()
 
@@ -174,8 +240,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=35_000, help="updates per row (the catalogue is 35,528 products)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="publisher thread counts")
-    parser.add_argument("--rate-limit", type=float, default=500.0,
-                        help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace")
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=500.0,
+        help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace",
+    )
     parser.add_argument("--chaos-updates", type=int, default=8918, help="updates in the combined-fault run (0: skip it)")
     args = parser.parse_args()
     from pipelines.config import load_config
@@ -199,10 +269,19 @@ def main() -> None:
         version += 1
         purge(rabbit, p.queue)
         started = time.perf_counter()
-        sent = sum(publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates("predictions", args.messages, version), workers,
-                                    p.batch_size).values())
-        publishing.append({"workers": workers, "messages": sent, "batch_size": p.batch_size,
-                           "publish_msgs_per_s": round(sent / (time.perf_counter() - started), 1)})
+        sent = sum(
+            publish_parallel(
+                rabbit, p.queue, p.dead_letter_queue, updates("predictions", args.messages, version), workers, p.batch_size
+            ).values()
+        )
+        publishing.append(
+            {
+                "workers": workers,
+                "messages": sent,
+                "batch_size": p.batch_size,
+                "publish_msgs_per_s": round(sent / (time.perf_counter() - started), 1),
+            }
+        )
         print(publishing[-1], flush=True)
     purge(rabbit, p.queue)
 
@@ -218,8 +297,13 @@ def main() -> None:
         for kind, concurrency in (("predictions", 1), ("predictions", 2), ("neighbours", 1)):
             version += 1
             es = stand_in.fresh(args.messages)
-            alone.append({"kind": kind, "concurrent_requests": concurrency,
-                          "docs_per_s": stand_in_alone(es, kind, args.messages, version, concurrency, p.consumer_bulk_size)})
+            alone.append(
+                {
+                    "kind": kind,
+                    "concurrent_requests": concurrency,
+                    "docs_per_s": stand_in_alone(es, kind, args.messages, version, concurrency, p.consumer_bulk_size),
+                }
+            )
             print(alone[-1], flush=True)
         version += 1
         es = stand_in.fresh(args.messages)

@@ -7,6 +7,7 @@ configured model type over three training seeds (median, min, max), the others w
 
 Every figure it writes is measured in that call: nothing is read back from earlier runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,15 @@ SEEDS = (42, 43, 44)
 
 
 def level_summary(metrics: dict) -> Dict[str, dict]:
-    return {lvl: {"micro_f1": round(v["micro_f1"], 4), "precision_at_1": round(v["precision_at_1"], 4),
-                  "micro_precision": round(v["micro_precision"], 4), "micro_recall": round(v["micro_recall"], 4)}
-            for lvl, v in metrics["levels"].items()}
+    return {
+        lvl: {
+            "micro_f1": round(v["micro_f1"], 4),
+            "precision_at_1": round(v["precision_at_1"], 4),
+            "micro_precision": round(v["micro_precision"], 4),
+            "micro_recall": round(v["micro_recall"], 4),
+        }
+        for lvl, v in metrics["levels"].items()
+    }
 
 
 def text_of(row: dict) -> str:
@@ -82,9 +89,16 @@ def run_model(cfg, model_type: str, seed: int, preprocess_dir: str, work_dir: st
     card = train(run_cfg, preprocess_dir, model_dir, f"bench-{model_type}-{seed}", "bench")
     train_seconds = time.perf_counter() - started
     metrics = evaluate_model(run_cfg, model_dir, preprocess_dir)
-    result = {"model": model_type, "seed": seed, "ground_truth": metrics["ground_truth"], "train_seconds": round(train_seconds, 1),
-              "train_examples_per_s": card["train_examples_per_s"], "epochs": len(card["history"]["loss"]),
-              "self_training": card["self_training"], "thresholds_from": card["thresholds_from"]}
+    result = {
+        "model": model_type,
+        "seed": seed,
+        "ground_truth": metrics["ground_truth"],
+        "train_seconds": round(train_seconds, 1),
+        "train_examples_per_s": card["train_examples_per_s"],
+        "epochs": len(card["history"]["loss"]),
+        "self_training": card["self_training"],
+        "thresholds_from": card["thresholds_from"],
+    }
     return result
 
 
@@ -97,8 +111,13 @@ def main() -> None:
     parser.add_argument("--preprocess-dir", required=True)
     parser.add_argument("--work-dir", default=str(REPO / ".prodcat" / "bench" / "quality"))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
-                        help="training seeds of the configured model type; the other types run with the first")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=list(SEEDS),
+        help="training seeds of the configured model type; the other types run with the first",
+    )
     parser.add_argument("--rules", default=str(REPO / "data" / "labelling_rules.yaml"))
     args = parser.parse_args()
 
@@ -152,10 +171,18 @@ def main() -> None:
         ),
         "best_model_micro_f1_over_seeds": over_seeds,
         "best_model_margin_over_rules_level_3": round(over_seeds[finest]["median"] - levels[finest]["rules"]["micro_f1"], 4),
-        "seeds": [{"model": r["model"], "seed": r["seed"], "hierarchical_f1": round(r["ground_truth"]["hierarchical_f1"], 4),
-                   "micro_f1": {lvl: round(v["micro_f1"], 4) for lvl, v in r["ground_truth"]["levels"].items()},
-                   "train_seconds": r["train_seconds"], "epochs": r["epochs"], "self_training": r["self_training"]}
-                  for r in best_runs],
+        "seeds": [
+            {
+                "model": r["model"],
+                "seed": r["seed"],
+                "hierarchical_f1": round(r["ground_truth"]["hierarchical_f1"], 4),
+                "micro_f1": {lvl: round(v["micro_f1"], 4) for lvl, v in r["ground_truth"]["levels"].items()},
+                "train_seconds": r["train_seconds"],
+                "epochs": r["epochs"],
+                "self_training": r["self_training"],
+            }
+            for r in best_runs
+        ],
         "seeds_per_model": {m: [r["seed"] for r in rs] for m, rs in runs.items()},
         "model_rows_are": "each model type's run with the median hierarchical F1 over its seeds",
         "thresholds_from": median_run[best]["thresholds_from"],

@@ -13,6 +13,7 @@ Each task writes only into its run's folder (`<data_root>/runs/<run_id>/<stage>`
 be cleared and rerun alone. Connections: `prodcat_elasticsearch`, `prodcat_rabbitmq`
 (local defaults where missing); variable `prodcat_data_root`.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta

@@ -7,6 +7,7 @@ dead-letter-queue input does; the consumer applies them (versioned: never over a
 dead-letters them again with their reason. The others stay in the dead-letter queue. The dead-letter
 index keeps the history of every dead letter.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -17,7 +18,9 @@ from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args
 
 PARAMS = {
     "run_id": Param(None, type=["null", "string"], description="Only the dead letters of this run (default: all)."),
-    "reason_contains": Param(None, type=["null", "string"], description="Only dead letters whose reason contains this text, e.g. http_404."),
+    "reason_contains": Param(
+        None, type=["null", "string"], description="Only dead letters whose reason contains this text, e.g. http_404."
+    ),
 }
 
 

@@ -10,6 +10,7 @@ for every product, the top-k visually closest products within its second-level c
 The predictions to use come from the triggering asset event; a manual trigger names them
 with the `predict_dir` and `preprocess_dir` params (folders of a categorisation run).
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -23,8 +24,12 @@ from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_pa
 WAIT_INDEXED = wait_indexed_limits(load_config(CONFIG_PATH).publish)
 
 PARAMS = {
-    "predict_dir": Param(None, type=["null", "string"], description="A categorisation run's predict folder; default: the triggering asset event's."),
-    "preprocess_dir": Param(None, type=["null", "string"], description="The same run's preprocess folder; default: the triggering asset event's."),
+    "predict_dir": Param(
+        None, type=["null", "string"], description="A categorisation run's predict folder; default: the triggering asset event's."
+    ),
+    "preprocess_dir": Param(
+        None, type=["null", "string"], description="The same run's preprocess folder; default: the triggering asset event's."
+    ),
     **run_params(),
 }
 

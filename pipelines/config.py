@@ -3,6 +3,7 @@
 Every other module takes a :class:`FeatureConfig` (or one of its records); nothing
 else parses the file. Unknown keys are rejected with the list of allowed ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -181,7 +182,7 @@ class FeatureConfig:
         images = self.inputs_of("image")
         return images[0] if images else None  # type: ignore[return-value]
 
-    def replace_model(self, **changes: Any) -> "FeatureConfig":
+    def replace_model(self, **changes: Any) -> FeatureConfig:
         """A copy with some model settings changed (e.g. a DAG run's model type)."""
         model = _build(Model, {**dataclasses.asdict(self.model), **changes}, "model")
         cfg = dataclasses.replace(self, model=model)
@@ -277,7 +278,12 @@ def _validate(cfg: FeatureConfig) -> None:
         if isinstance(inp, TextInput):
             checks.append((inp.tokens in TOKENISERS, f"inputs.{inp.name}.tokens: must be one of {list(TOKENISERS)}"))
             lengths = inp.ngram_range
-            checks.append((len(lengths) == 2 and 1 <= lengths[0] <= lengths[1], f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max"))
+            checks.append(
+                (
+                    len(lengths) == 2 and 1 <= lengths[0] <= lengths[1],
+                    f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max",
+                )
+            )
         if isinstance(inp, CategoricalInput) and inp.derive is not None:
             checks.append((inp.derive in DERIVATIONS, f"inputs.{inp.name}.derive: must be one of {list(DERIVATIONS)}"))
     for ok, message in checks:

@@ -9,6 +9,7 @@
   messages arriving late are no-ops;
 - SIGTERM: stop taking messages, flush, ack, exit.
 """
+
 from __future__ import annotations
 
 import collections
@@ -288,7 +289,7 @@ class Consumer:
         if self.s.rate_limit_docs_per_s > 0:
             chunk = max(1, min(chunk, int(self.s.rate_limit_docs_per_s)))
         for start in range(0, len(batch), chunk):
-            self.in_flight.append(pool.submit(self.writer.write, batch[start:start + chunk]))
+            self.in_flight.append(pool.submit(self.writer.write, batch[start : start + chunk]))
 
     def _acknowledge(self, channel, wait: bool) -> None:
         """Dead-letters and acks finished batches in submission order (one ack for a whole batch);
@@ -310,6 +311,5 @@ class Consumer:
             exchange="",
             routing_key=self.s.dead_letter_queue,
             body=json.dumps(self.writer.dead_letter_record(item)).encode("utf-8"),
-            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
-                                            headers={"x-prodcat-reason": item.reason[:200]}),
+            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, headers={"x-prodcat-reason": item.reason[:200]}),
         )

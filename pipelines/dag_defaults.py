@@ -1,5 +1,6 @@
 """What the prodcat DAGs share: the config path, params, default arguments and the write-back
 sensor's limits. DAG files import this at parse time, so it imports nothing heavy."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -14,16 +15,21 @@ from pipelines.config import Publish
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
+
 def run_params() -> Dict[str, Param]:
     """Params of every DAG that runs stages (read by :func:`pipelines.airflow_entry.run_settings`);
     new ones per DAG, as a DAG owns its params."""
     return {
         "beam_runner": Param(
-            "DirectRunner", type="string", enum=["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
+            "DirectRunner",
+            type="string",
+            enum=["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
             description="Beam runner for preprocessing and neighbours.",
         ),
         "beam_options": Param([], type="array", items={"type": "string"}, description="Extra Beam flags, e.g. --project=..."),
-        "data_root": Param(None, type=["null", "string"], description="Run folders root (local path or gs://); default: variable prodcat_data_root."),
+        "data_root": Param(
+            None, type=["null", "string"], description="Run folders root (local path or gs://); default: variable prodcat_data_root."
+        ),
     }
 
 

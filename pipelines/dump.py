@@ -4,6 +4,7 @@ Each slice streams pages into its own gzip JSON-lines file, so memory stays flat
 number of products. Files land in a temporary folder that replaces the stage folder
 only when every slice finished (see :func:`pipelines.storage.atomic_stage`).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -93,6 +94,7 @@ def dump_products(
     pit = es.open_point_in_time(index=products_index, keep_alive="5m")["id"]
     try:
         with storage.atomic_stage(out_dir) as tmp:
+
             def write_slice(slice_id: int) -> int:
                 path = storage.join(tmp, f"products-{slice_id:05d}-of-{slices:05d}.jsonl.gz")
                 n = 0

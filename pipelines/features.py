@@ -3,6 +3,7 @@
 Cleaning runs inside the TensorFlow graph, so the exported model applies exactly the
 same text cleaning and brand extraction to raw serving inputs as training did.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Tuple

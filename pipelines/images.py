@@ -6,6 +6,7 @@ runs on ONNX Runtime (the PyTorch module exported at load time, float32) or on e
 float32, as ``inputs.image.runtime`` says. Embeddings are cached by image content hash + encoder
 id, so reruns re-embed only new or changed images.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,7 @@ def fetch_image(url: str, timeout_s: float, retries: int, backoff_s: float = 0.5
         try:
             with storage.open_read(path) as f:
                 return f.read(MAX_IMAGE_BYTES + 1)
-        except (OSError, IOError) as e:
+        except OSError as e:
             raise ImageFetchError("not_found", str(e)) from e
     if scheme not in ("http", "https"):
         raise ImageFetchError("unsupported_scheme", scheme)
@@ -178,8 +179,14 @@ def _onnx_session(module: Any, torch: Any) -> Any:
     model = io.BytesIO()
     example = torch.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8)
     torch.onnx.export(
-        module, (example,), model, dynamo=False, opset_version=17, input_names=["images"],
-        output_names=["embeddings"], dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+        module,
+        (example,),
+        model,
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["embeddings"],
+        dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
     )
     options = onnxruntime.SessionOptions()
     options.inter_op_num_threads = 1
@@ -231,9 +238,7 @@ class ImageEncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     def load_model(self) -> Any:
         return load_encoder(self._image)
 
-    def run_inference(
-        self, batch: Sequence[np.ndarray], model: Any, inference_args: Optional[dict] = None
-    ) -> Iterable[PredictionResult]:
+    def run_inference(self, batch: Sequence[np.ndarray], model: Any, inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
         started = time.monotonic()
         embeddings = model.embed(batch)
         self._progress.add(len(batch), started)
@@ -263,5 +268,10 @@ class EmbeddingProgress:
         self._total += count
         self._since_last += count
         if now - self._last >= self._every_s:
-            log.info("embedded %d images (%.1f images/s over the last %.0f s)", self._total, self._since_last / (now - self._last), now - self._last)
+            log.info(
+                "embedded %d images (%.1f images/s over the last %.0f s)",
+                self._total,
+                self._since_last / (now - self._last),
+                now - self._last,
+            )
             self._last, self._since_last = now, 0

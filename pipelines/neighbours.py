@@ -6,6 +6,7 @@ exact (numpy matrix products) below ``brute_force_below`` products, ScaNN partit
 quantised + reordered above it, queries in chunks. Products without a usable embedding get no
 neighbours and are never anyone's neighbour.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -220,9 +221,8 @@ def compute_neighbours(
             assigned = (
                 joined
                 | "JoinById" >> beam.CoGroupByKey()
-                | "AssignGroups" >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field)).with_outputs(
-                    AssignGroup.ALONE, main="grouped"
-                )
+                | "AssignGroups"
+                >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field)).with_outputs(AssignGroup.ALONE, main="grouped")
             )
             searched = (
                 assigned.grouped
@@ -235,8 +235,13 @@ def compute_neighbours(
                 | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
                 | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
             )
-        summary = {"counters": beam_counters(p.result, NAMESPACE), "k": settings.k, "group_level": settings.group_level,
-                   "preprocess_dir": preprocess_dir, "predict_dir": predict_dir}
+        summary = {
+            "counters": beam_counters(p.result, NAMESPACE),
+            "k": settings.k,
+            "group_level": settings.group_level,
+            "preprocess_dir": preprocess_dir,
+            "predict_dir": predict_dir,
+        }
         storage.write_json(storage.join(tmp, "summary.json"), summary)
     log.info("neighbours: %s", summary)
     return summary

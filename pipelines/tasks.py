@@ -4,6 +4,7 @@ Every task reads only its run's folder (and the embedding cache), writes its sta
 atomically, and can be rerun alone: a rerun replaces its stage and re-sends idempotent,
 versioned updates. Airflow and the CLI are thin callers of these functions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,16 @@ def dump(s: RunSettings) -> str:
     cfg = s.config()
     out = s.stage("dump")
     es = s.es.client()
-    dump_products(es, s.products_index, s.categories_index, out, product_fields(cfg), slices=s.dump_slices, limit=s.limit,
-                  query=product_query(cfg.labels.rule_field, s.categories))
+    dump_products(
+        es,
+        s.products_index,
+        s.categories_index,
+        out,
+        product_fields(cfg),
+        slices=s.dump_slices,
+        limit=s.limit,
+        query=product_query(cfg.labels.rule_field, s.categories),
+    )
     return out
 
 
@@ -152,9 +161,19 @@ def _target(s: RunSettings, kind: str, source_dir: str) -> Target:
     from pipelines.writeback import Target
 
     p = s.config().publish
-    return Target(es=s.es.client(), rabbit=s.rabbit, index=s.products_index, queue=p.queue, dead_letter_queue=p.dead_letter_queue,
-                  kind=kind, source_dir=source_dir, run_id=s.run_id, version=s.version, publish_workers=p.workers,
-                  publish_batch_size=p.batch_size)
+    return Target(
+        es=s.es.client(),
+        rabbit=s.rabbit,
+        index=s.products_index,
+        queue=p.queue,
+        dead_letter_queue=p.dead_letter_queue,
+        kind=kind,
+        source_dir=source_dir,
+        run_id=s.run_id,
+        version=s.version,
+        publish_workers=p.workers,
+        publish_batch_size=p.batch_size,
+    )
 
 
 def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
@@ -164,13 +183,19 @@ def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
 
     target = _target(s, kind, source_dir)
     messages = update_messages(kind, storage.require_complete(source_dir), s.run_id, s.version)
-    sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers,
-                            target.publish_batch_size)
+    sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers, target.publish_batch_size)
     out = s.stage("publish")
     with storage.atomic_stage(out) as tmp:
-        storage.write_json(storage.join(tmp, "summary.json"), {
-            "kind": kind, "source_dir": source_dir, "sent": sent[kind], "version": s.version, "run_id": s.run_id,
-        })
+        storage.write_json(
+            storage.join(tmp, "summary.json"),
+            {
+                "kind": kind,
+                "source_dir": source_dir,
+                "sent": sent[kind],
+                "version": s.version,
+                "run_id": s.run_id,
+            },
+        )
     return out
 
 
@@ -192,8 +217,9 @@ def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optiona
     summary = storage.read_json(storage.join(storage.require_complete(publish_dir), "summary.json"))
     p = s.config().publish
     state_path = storage.join(s.run_dir, "reconcile", f"{attempt_key}.json")
-    state = (ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path)
-             else ReconcileState(published=summary["sent"]))
+    state = (
+        ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path) else ReconcileState(published=summary["sent"])
+    )
     state = check(_target(s, summary["kind"], summary["source_dir"]), state, p.reconcile_stall_pokes, p.reconcile_attempts)
     storage.write_json(state_path, state.to_json())
     if not state.finished:

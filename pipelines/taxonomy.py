@@ -1,4 +1,5 @@
 """The category tree: nodes, ancestors, and the fixed label order the models use."""
+
 from __future__ import annotations
 
 import dataclasses

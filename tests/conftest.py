@@ -3,6 +3,7 @@
 Tests get their own Elasticsearch stand-in (port 9250, own data folder) and their own
 RabbitMQ virtual host, both started here when missing.
 """
+
 from __future__ import annotations
 
 import socket
@@ -59,16 +60,24 @@ def start_elasticsearch(port: int = ES_PORT) -> str:
         noida = Path(sys.executable).parent / "noida-db"
         data = REPO / ".prodcat" / f"test-noida-{port}"
         data.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(noida), "up", "--data-dir", str(data), "--only", "elasticsearch", "--elasticsearch-port", str(port)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(noida), "up", "--data-dir", str(data), "--only", "elasticsearch", "--elasticsearch-port", str(port)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait(lambda: _port_open(port), "Elasticsearch stand-in", 60)
     return f"http://127.0.0.1:{port}"
 
 
 def stop_elasticsearch(port: int = ES_PORT) -> None:
     noida = Path(sys.executable).parent / "noida-db"
-    subprocess.run([str(noida), "down", "--data-dir", str(REPO / ".prodcat" / f"test-noida-{port}")],
-                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(noida), "down", "--data-dir", str(REPO / ".prodcat" / f"test-noida-{port}")],
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_rabbitmq() -> None:
@@ -125,4 +134,3 @@ def artifacts_dir() -> Path:
     out = REPO / "test-artifacts"
     out.mkdir(exist_ok=True)
     return out
-

@@ -57,7 +57,10 @@ def test_unknown_top_level_section_rejected(raw):
         (lambda r: r["labels"]["attributes"][0].update(source="gender"), "both input and label"),
         (lambda r: r["labels"]["attributes"][0].update(name="title"), "names used twice"),
         (lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(encoder="vgg"), "encoder: must be one of"),
-        (lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(runtime="bfloat16"), r"inputs.image.runtime: must be one of \['onnxruntime', 'torch'\]"),
+        (
+            lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(runtime="bfloat16"),
+            r"inputs.image.runtime: must be one of \['onnxruntime', 'torch'\]",
+        ),
         (lambda r: r["inputs"][0].update(tokens="sentencepiece"), "tokens: must be one of"),
         (lambda r: r["inputs"][0].update(ngram_range=[3, 2]), "ngram_range: must be"),
         (lambda r: r["inputs"][0].update(ngram_range=[1]), "ngram_range: must be"),

@@ -1,6 +1,7 @@
 """docker/: the compose file against the Compose specification's JSON schema, the services the
 DAGs need (each with a healthcheck), and the image installed from the lock the tests' venv is
 installed from. Offline: nothing is downloaded or built."""
+
 import json
 import re
 
@@ -12,8 +13,16 @@ from conftest import REPO
 
 pytestmark = pytest.mark.unit
 
-NEEDED = {"elasticsearch", "rabbitmq", "postgres", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-          "airflow-triggerer", "prodcat-consumer"}
+NEEDED = {
+    "elasticsearch",
+    "rabbitmq",
+    "postgres",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "prodcat-consumer",
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The dump: point-in-time + search_after slices into a run folder, local or on GCS (emulator)."""
+
 import os
 import socket
 import subprocess
@@ -25,8 +26,14 @@ FIELDS = product_fields(CFG)
 
 
 def product(i: int) -> dict:
-    doc = {"id": f"p{i:05d}", "title": f"product {i}", "gender": "Men", "image_url": f"file:///nowhere/{i}.jpg",
-           "true_category": TOPS if i % 2 else SHOES, "rule_categories": []}
+    doc = {
+        "id": f"p{i:05d}",
+        "title": f"product {i}",
+        "gender": "Men",
+        "image_url": f"file:///nowhere/{i}.jpg",
+        "true_category": TOPS if i % 2 else SHOES,
+        "rule_categories": [],
+    }
     if i % 3 == 0:
         doc["rule_categories"] = [TOPS]
     if i % 5 == 0:
@@ -71,7 +78,9 @@ def test_category_subset_follows_rule_and_predicted_labels_never_the_ground_trut
     out = str(tmp_path / "dump")
     dump_products(es, products, categories, out, FIELDS, page_size=100, query=product_query(CFG.labels.rule_field, ["Apparel"]))
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050) if i % 3 == 0)
-    dump_products(es, products, categories, out, FIELDS, page_size=100, query=product_query(CFG.labels.rule_field, ["Footwear", "Apparel > Topwear"]))
+    dump_products(
+        es, products, categories, out, FIELDS, page_size=100, query=product_query(CFG.labels.rule_field, ["Footwear", "Apparel > Topwear"])
+    )
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050) if i % 3 == 0 or i % 5 == 0)
 
 
@@ -84,8 +93,11 @@ def gcs_bucket(monkeypatch, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 30
     while True:

@@ -1,4 +1,5 @@
 """The preprocessing_fn on a handful of in-memory rows with exact outputs (TFT example-test style)."""
+
 import tempfile
 
 import numpy as np
@@ -19,7 +20,9 @@ CONFIG = {
         {"name": "gender", "kind": "categorical", "source": "gender", "oov_buckets": 1},
     ],
     "labels": {
-        "levels": 2, "rule_field": "rule_categories", "ground_truth_field": "true_category",
+        "levels": 2,
+        "rule_field": "rule_categories",
+        "ground_truth_field": "true_category",
         "attributes": [{"name": "colour", "source": "base_colour"}],
     },
 }
@@ -34,8 +37,7 @@ def run_transform(rows, cfg, num_categories=2):
 
 
 def row(title, gender, colour, labels=(1.0, 0.0)):
-    return {"title": title, "gender": gender, "base_colour": [colour] if colour else [],
-            "labels": list(labels), "label_mask": [1.0, 1.0]}
+    return {"title": title, "gender": gender, "base_colour": [colour] if colour else [], "labels": list(labels), "label_mask": [1.0, 1.0]}
 
 
 def test_preprocessing_fn_exact_outputs():

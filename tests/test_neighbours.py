@@ -1,4 +1,5 @@
 """Visual neighbours: ScaNN recall against exact search, and the edge cases of a group."""
+
 import dataclasses
 
 import numpy as np

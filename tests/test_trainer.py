@@ -1,4 +1,5 @@
 """Model construction, losses, tree decisions, thresholds, metrics, and the raw-input export."""
+
 import dataclasses
 import json
 
@@ -29,13 +30,18 @@ def cfg():
 
 @pytest.mark.parametrize("model_type", ["linear", "ffn", "wide_deep"])
 def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_type):
-    small = dataclasses.replace(cfg.replace_model(type=model_type, hidden_units=[8]),
-                                inputs=tuple(dataclasses.replace(i, vocab_size=20) if i.kind == "text" else i for i in cfg.inputs))
+    small = dataclasses.replace(
+        cfg.replace_model(type=model_type, hidden_units=[8]),
+        inputs=tuple(dataclasses.replace(i, vocab_size=20) if i.kind == "text" else i for i in cfg.inputs),
+    )
     model = build_model(small, len(TREE), {"brand": 5, "gender": 3}, {"colour": 4, "season": 2, "usage": 3})
     batch = 3
     inputs = {
         **{f"{i.name}_ids": tf.sparse.from_dense(tf.constant([[1, 2], [3, 0], [0, 0]], tf.int64)) for i in cfg.inputs_of("text")},
-        **{f"{i.name}_weights": tf.sparse.from_dense(tf.constant([[0.5, 0.5], [1.0, 0], [0, 0]], tf.float32)) for i in cfg.inputs_of("text")},
+        **{
+            f"{i.name}_weights": tf.sparse.from_dense(tf.constant([[0.5, 0.5], [1.0, 0], [0, 0]], tf.float32))
+            for i in cfg.inputs_of("text")
+        },
         "brand_ids": tf.constant([0, 4, 5], tf.int64),
         "gender_ids": tf.constant([0, 1, 3], tf.int64),
         "image": tf.random.normal([batch, 1280]),
@@ -191,15 +197,34 @@ def trained(cfg, tmp_path_factory):
     from trainer import train as train_module
 
     root = tmp_path_factory.mktemp("tiny")
-    small = cfg.replace_model(hidden_units=[16], epochs=30, batch_size=16, learning_rate=0.01, self_training_rounds=1, self_training_min_score=0.5,
-                              self_training_epochs=2, null_evidence_share=0.1, threshold_labels="golden")
+    small = cfg.replace_model(
+        hidden_units=[16],
+        epochs=30,
+        batch_size=16,
+        learning_rate=0.01,
+        self_training_rounds=1,
+        self_training_min_score=0.5,
+        self_training_epochs=2,
+        null_evidence_share=0.1,
+        threshold_labels="golden",
+    )
     small = dataclasses.replace(small, inputs=tuple(i for i in small.inputs if i.kind != "image"))
     docs = []
     for n in range(240):
         true, words = list(SYNTHETIC_WORDS.items())[n % 4]
         title = f"Brand{n % 7} {'Men' if n % 2 else 'Women'} {['Red', 'Blue', 'Green'][n % 3]} {words}"
-        docs.append({"id": f"p{n}", "title": title, "gender": "Men" if n % 2 else "Women", "base_colour": "Red",
-                     "season": "Summer", "usage": "Casual", "true_category": true, "rule_categories": synthetic_rules(true, n)})
+        docs.append(
+            {
+                "id": f"p{n}",
+                "title": title,
+                "gender": "Men" if n % 2 else "Women",
+                "base_colour": "Red",
+                "season": "Summer",
+                "usage": "Casual",
+                "true_category": true,
+                "rule_categories": synthetic_rules(true, n),
+            }
+        )
     with storage.atomic_stage(str(root / "dump")) as tmp:
         with gzip.open(f"{tmp}/products-00000-of-00001.jsonl.gz", "wb") as f:
             f.write(b"\n".join(json.dumps(d).encode() for d in docs) + b"\n")

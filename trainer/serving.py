@@ -3,6 +3,7 @@
 Evaluation and batch prediction both go through :class:`ServingModel`, so what is measured
 is exactly what is served.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,13 @@ def raw_batch(cfg: FeatureConfig, rows: Sequence[Mapping[str, Any]]) -> Dict[str
             batch[inp.source] = np.array([float(r.get(inp.source) or inp.default) for r in rows], dtype=np.float32)
         elif isinstance(inp, ImageInput):
             zeros = np.zeros(inp.dim, dtype=np.float32)
-            batch[inp.name] = np.stack([
-                np.asarray(r["image_embedding"], dtype=np.float32) if r.get("image_embedding") is not None else zeros
-                for r in rows
-            ]) if rows else np.zeros((0, inp.dim), dtype=np.float32)
+            batch[inp.name] = (
+                np.stack(
+                    [np.asarray(r["image_embedding"], dtype=np.float32) if r.get("image_embedding") is not None else zeros for r in rows]
+                )
+                if rows
+                else np.zeros((0, inp.dim), dtype=np.float32)
+            )
             batch[features.HAS_IMAGE] = np.array([int(r.get("has_image") or 0) for r in rows], dtype=np.int64)
     return batch
 

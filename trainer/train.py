@@ -10,6 +10,7 @@ Ground truth is never a training label. With ``model.threshold_labels: golden`` 
 ground truth (a small golden set) chooses the per-category thresholds and judges each
 self-training round; the evaluation stage reports on the test split, which training never reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,8 @@ import numpy as np
 
 from pipelines import features, storage
 from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
-from pipelines.taxonomy import CategoryTree
 from pipelines.preprocess import read_clean_rows
+from pipelines.taxonomy import CategoryTree
 from trainer import serving
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
@@ -91,7 +92,9 @@ def null_evidence_examples(cfg: FeatureConfig, tft_output, num_categories: int, 
         if inp.source in raw:
             continue
         if inp.source in text_sources:
-            words = [["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)]
+            words = [
+                ["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)
+            ]
             raw[inp.source] = tf.constant([" ".join(w) for w in words])
         elif isinstance(inp, CategoricalInput):
             values = [""] + [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(inp.name)]
@@ -188,7 +191,9 @@ def score_examples(model, ds) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(scores), np.concatenate(labels), np.concatenate(masks)
 
 
-def pseudo_labels(scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, tree: CategoryTree, min_score: float) -> Tuple[np.ndarray, int]:
+def pseudo_labels(
+    scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, tree: CategoryTree, min_score: float
+) -> Tuple[np.ndarray, int]:
     """Self-training targets ``[labels | mask]`` and how many examples got a pseudo-label.
 
     An example whose rule labels stop above the finest categories (or that has none) takes
@@ -231,7 +236,12 @@ def golden_set(cfg: FeatureConfig, preprocess_dir: str, tree: CategoryTree) -> T
 
 
 def eval_thresholds(
-    model, serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, eval_ds, golden: Optional[Tuple[List[dict], np.ndarray]], tree: CategoryTree
+    model,
+    serve: Callable[..., Dict[str, Any]],
+    cfg: FeatureConfig,
+    eval_ds,
+    golden: Optional[Tuple[List[dict], np.ndarray]],
+    tree: CategoryTree,
 ) -> Tuple[np.ndarray, dict]:
     """Per-category thresholds from eval data, and the eval metrics they give: against the
     golden set's ground truth where ``model.threshold_labels`` is ``golden``, else against
@@ -306,10 +316,22 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
         train_examples += (round_examples + null_count) * len(round_history["loss"])
         before = finest_micro_f1(eval_metrics)
         thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
-        rounds.append({"round": round_no, "pseudo_labelled": added, "eval_finest_micro_f1_before": before,
-                       "eval_finest_micro_f1_after": finest_micro_f1(eval_metrics), "epochs": len(round_history["loss"])})
-        log.info("self-training round %d: %d pseudo-labelled train products, eval finest-level micro-F1 %s -> %s",
-                 round_no, added, before, rounds[-1]["eval_finest_micro_f1_after"])
+        rounds.append(
+            {
+                "round": round_no,
+                "pseudo_labelled": added,
+                "eval_finest_micro_f1_before": before,
+                "eval_finest_micro_f1_after": finest_micro_f1(eval_metrics),
+                "epochs": len(round_history["loss"]),
+            }
+        )
+        log.info(
+            "self-training round %d: %d pseudo-labelled train products, eval finest-level micro-F1 %s -> %s",
+            round_no,
+            added,
+            before,
+            rounds[-1]["eval_finest_micro_f1_after"],
+        )
     train_seconds = time.perf_counter() - started
 
     card = {
