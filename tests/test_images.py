@@ -11,6 +11,8 @@ from pipelines.config import load_config
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def decoded(fashion_slice):
