@@ -1,4 +1,4 @@
-.PHONY: setup services main test airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish
+.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish
 
 setup:
 	scripts/setup.sh
@@ -11,6 +11,14 @@ main:
 
 test:
 	scripts/run_tests.sh
+
+# the fast tier: no services, no DAG runs (markers in pyproject.toml)
+test-unit: setup
+	.venv/bin/python -m pytest -q -m unit
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 airflow: services
 	scripts/airflow_local.sh

@@ -1,4 +1,5 @@
 """prodcat: batch categorisation of a product catalogue (Airflow + Beam/TFT + TF + ScaNN)."""
+
 from pathlib import Path
 
 from setuptools import find_packages, setup

@@ -6,6 +6,7 @@ reconciler (``wait_indexed``), and a replay of an older version of every update.
 Run by ``tests/test_writeback_chaos.py`` (a few thousand updates) and by ``benchmarks/publish.py``
 (``--chaos-updates``, 8,918 and more), against the real RabbitMQ and the stand-in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,11 +46,14 @@ class Faults:
     rate_limit: float = 250.0
 
     def describe(self) -> List[str]:
-        return [f"consumer at --rate-limit {self.rate_limit:g} started while publishing",
-                f"kill -9 of the consumer at {self.kill_consumer_at:g} s, a new one started",
-                f"broker restart (rabbitmqctl stop_app/start_app, {self.broker_down_s:g} s down) at {self.broker_restart_at:g} s",
-                f"Elasticsearch stand-in stopped (noida-db down) at {self.es_stop_at:g} s for {self.es_down_s:g} s",
-                "5 poison messages", "replay of the previous version of every update"]
+        return [
+            f"consumer at --rate-limit {self.rate_limit:g} started while publishing",
+            f"kill -9 of the consumer at {self.kill_consumer_at:g} s, a new one started",
+            f"broker restart (rabbitmqctl stop_app/start_app, {self.broker_down_s:g} s down) at {self.broker_restart_at:g} s",
+            f"Elasticsearch stand-in stopped (noida-db down) at {self.es_stop_at:g} s for {self.es_down_s:g} s",
+            "5 poison messages",
+            "replay of the previous version of every update",
+        ]
 
 
 def write_predictions(predict_dir: str, n: int) -> None:
@@ -57,25 +61,50 @@ def write_predictions(predict_dir: str, n: int) -> None:
     with storage.atomic_stage(predict_dir) as tmp:
         with storage.open_write(storage.join(tmp, PREDICTIONS_FILE)) as raw, gzip.GzipFile(fileobj=raw, mode="wb") as f:
             for i in range(n):
-                record = {"id": str(i), "model_version": "model-new", "path": ["Apparel"], "attributes": {},
-                          "categories": [{"id": "Apparel", "name": "Apparel", "level": 1, "score": 0.9, "confident": True}]}
+                record = {
+                    "id": str(i),
+                    "model_version": "model-new",
+                    "path": ["Apparel"],
+                    "attributes": {},
+                    "categories": [{"id": "Apparel", "name": "Apparel", "level": 1, "score": 0.9, "confident": True}],
+                }
                 f.write(json.dumps(record).encode("utf-8") + b"\n")
 
 
 def poison_messages(marker: str) -> List[bytes]:
     """Five messages that can never be applied, each carrying ``marker`` so that its dead letter can be found."""
     good = message("predictions", "0", marker, "m", NEW, {"categories": [], "attributes": {}})
-    return [f"{{not json {marker}".encode(),
-            json.dumps({**good, "schema_version": 99}).encode(),
-            json.dumps({**good, "body": {}}).encode(),
-            json.dumps({**good, "version": "two"}).encode(),
-            json.dumps({**good, "id": f"no-such-product-{marker}"}).encode()]
+    return [
+        f"{{not json {marker}".encode(),
+        json.dumps({**good, "schema_version": 99}).encode(),
+        json.dumps({**good, "body": {}}).encode(),
+        json.dumps({**good, "version": "two"}).encode(),
+        json.dumps({**good, "id": f"no-such-product-{marker}"}).encode(),
+    ]
 
 
 def _consumer(es_url: str, rabbit: RabbitConnection, config: Path, index: str, rate_limit: float, log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--rabbit-vhost", rabbit.virtual_host,
-                             "--config", str(config), "--products-index", index, "consume", "--rate-limit", str(rate_limit)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_path.open("ab"))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "--es-url",
+            es_url,
+            "--rabbit-vhost",
+            rabbit.virtual_host,
+            "--config",
+            str(config),
+            "--products-index",
+            index,
+            "consume",
+            "--rate-limit",
+            str(rate_limit),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("ab"),
+    )
 
 
 def _wait(check_done: Callable[[], bool], seconds: float, what: str) -> None:
@@ -106,21 +135,40 @@ def run_chaos(
     config.write_text(yaml.safe_dump(raw))
     log_path = work_dir / "consumers.log"
     recreate_index(es, index, PRODUCT_MAPPINGS)
-    helpers.bulk(es, ({"_index": index, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}", "prediction_version": OLD}}
-                      for i in range(updates)), chunk_size=5000, refresh=True)
+    helpers.bulk(
+        es,
+        (
+            {"_index": index, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}", "prediction_version": OLD}}
+            for i in range(updates)
+        ),
+        chunk_size=5000,
+        refresh=True,
+    )
     predict_dir = str(work_dir / "predict")
     write_predictions(predict_dir, updates)
-    target = Target(es=es, rabbit=rabbit, index=index, queue=queue, dead_letter_queue=dlq, kind="predictions",
-                    source_dir=predict_dir, run_id=unique, version=NEW)
+    target = Target(
+        es=es,
+        rabbit=rabbit,
+        index=index,
+        queue=queue,
+        dead_letter_queue=dlq,
+        kind="predictions",
+        source_dir=predict_dir,
+        run_id=unique,
+        version=NEW,
+    )
     connection = rabbit.connect()
     declare_queues(connection.channel(), queue, dlq)
     connection.close()
 
     consumers = [_consumer(es_url, rabbit, config, index, faults.rate_limit, log_path)]
     started = time.monotonic()
-    publisher = threading.Thread(target=publish_parallel, args=(rabbit, queue, dlq, update_messages("predictions", predict_dir, unique, NEW), 2))
+    publisher = threading.Thread(
+        target=publish_parallel, args=(rabbit, queue, dlq, update_messages("predictions", predict_dir, unique, NEW), 2)
+    )
     publisher.start()
     try:
+
         def at(second: float) -> None:
             time.sleep(max(0.0, started + second - time.monotonic()))
 
@@ -161,8 +209,10 @@ def run_chaos(
             proc.wait(timeout=120)
 
     es.indices.refresh(index=index)
-    versions = {h["_id"]: h["_source"].get("prediction_version")
-                for h in helpers.scan(es, index=index, query={"query": {"match_all": {}}, "_source": ["prediction_version"]})}
+    versions = {
+        h["_id"]: h["_source"].get("prediction_version")
+        for h in helpers.scan(es, index=index, query={"query": {"match_all": {}}, "_source": ["prediction_version"]})
+    }
     connection = rabbit.connect()
     channel = connection.channel()
     dead_letters = []
@@ -176,8 +226,9 @@ def run_chaos(
     connection.close()
     es.indices.refresh(index=DEAD_LETTER_INDEX)
     ours = {"bool": {"should": [{"term": {"run_id": unique}}, {"bool": {"must_not": {"exists": {"field": "run_id"}}}}]}}
-    indexed_dead = [h["_source"]["reason"] for h in helpers.scan(es, index=DEAD_LETTER_INDEX, query={"query": ours})
-                    if unique in h["_source"]["body"]]
+    indexed_dead = [
+        h["_source"]["reason"] for h in helpers.scan(es, index=DEAD_LETTER_INDEX, query={"query": ours}) if unique in h["_source"]["body"]
+    ]
     es.indices.delete(index=index)
     return {
         "updates": updates,

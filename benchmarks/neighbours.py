@@ -8,6 +8,7 @@ says so (``extrapolated``).
 
     python -m benchmarks.neighbours [--sizes 10000 100000] [--real PATH_TO_CLEAN_PARQUET_DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def timed_queries(search, queries: np.ndarray, n: int) -> tuple:
     return found, per_query * n
 
 
-def run_dataset(name: str, unit: np.ndarray, sample: int, methods: List[str], settings: Neighbours,
-                hnsw_max_n: int, skipped: List[Dict]) -> List[Dict]:
+def run_dataset(
+    name: str, unit: np.ndarray, sample: int, methods: List[str], settings: Neighbours, hnsw_max_n: int, skipped: List[Dict]
+) -> List[Dict]:
     import faiss
 
     n, dim = unit.shape
@@ -73,8 +75,16 @@ def run_dataset(name: str, unit: np.ndarray, sample: int, methods: List[str], se
     rows = []
 
     def row(method, rec, seconds, extrapolated):
-        r = {"dataset": name, "n": n, "dim": dim, "method": method, "recall_at_100": round(rec, 4),
-             "seconds": round(seconds, 2), "queries_timed": len(queries), "extrapolated": extrapolated}
+        r = {
+            "dataset": name,
+            "n": n,
+            "dim": dim,
+            "method": method,
+            "recall_at_100": round(rec, 4),
+            "seconds": round(seconds, 2),
+            "queries_timed": len(queries),
+            "extrapolated": extrapolated,
+        }
         print(json.dumps(r), flush=True)
         rows.append(r)
 
@@ -90,8 +100,14 @@ def run_dataset(name: str, unit: np.ndarray, sample: int, methods: List[str], se
         row("prodcat", recall(found[:, 1:], truth), build + seconds, len(queries) < n)
         del query
     if "faiss_hnsw" in methods and n > hnsw_max_n:
-        skipped.append({"dataset": name, "n": n, "method": "faiss_hnsw",
-                        "why": f"graph construction above {hnsw_max_n} vectors of {dim} dimensions does not fit this machine's time budget"})
+        skipped.append(
+            {
+                "dataset": name,
+                "n": n,
+                "method": "faiss_hnsw",
+                "why": f"graph construction above {hnsw_max_n} vectors of {dim} dimensions does not fit this machine's time budget",
+            }
+        )
     elif "faiss_hnsw" in methods:
         started = time.perf_counter()
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
@@ -148,11 +164,20 @@ def main() -> None:
     for n in args.sizes:
         rows += run_dataset("clustered_synthetic", clustered(n, args.dim), args.sample, args.methods, settings, args.hnsw_max_n, skipped)
     write_results(NAME, rows)
-    write_results(f"{NAME}.meta", {
-        "skipped": skipped,
-        "settings": {"k": K, "brute_force_below": settings.brute_force_below, "leaves_per_sqrt_n": settings.leaves_per_sqrt_n,
-                     "leaves_to_search_fraction": settings.leaves_to_search_fraction, "reorder_k": settings.reorder_k},
-    })
+    write_results(
+        f"{NAME}.meta",
+        {
+            "skipped": skipped,
+            "settings": {
+                "k": K,
+                "brute_force_below": settings.brute_force_below,
+                "leaves_per_sqrt_n": settings.leaves_per_sqrt_n,
+                "leaves_to_search_fraction": settings.leaves_to_search_fraction,
+                "reorder_k": settings.reorder_k,
+            },
+        },
+    )
+
 
 if __name__ == "__main__":
     main()

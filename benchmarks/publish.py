@@ -1,22 +1,28 @@
 """Write-back benchmark, each figure measured in this run:
 
 - publishing: N prediction updates in committed batches at 1, 2 and 4 publisher threads, messages/s;
-- the Elasticsearch stand-in alone: the consumer's own bulk scripted updates sent straight to it
-  (one request at a time, and two at once), documents/s: the ceiling the consumer is measured against;
 - consuming: a queue filled beforehand with N prediction updates (and N neighbour updates, 100
   neighbours each) drained by one ``prodcat consume`` process, and prediction updates by two
   processes on the same queue; documents/s from each consumer's first message to its last ack;
+- the Elasticsearch stand-in alone: the consumer's own bulk scripted updates sent straight to it, one
+  request at a time and two at once: the ceiling the consumer is measured against;
 - the rate limiter: documents/s observed at a setting below what the cluster absorbs;
-- with ``--chaos-updates``: the combined-fault sequence of :mod:`benchmarks.chaos` on a private
-  stand-in.
+- with ``--chaos-updates``: the combined-fault sequence of :mod:`benchmarks.chaos`.
+
+Everything that writes to Elasticsearch runs on a private stand-in (port 9271) that is reset and
+loaded with N documents before each row: the stand-in's update rate falls as writes accumulate
+since its start (measured: 1,376 then 1,235 then 1,202 documents/s for three rounds of 35,000),
+so rows measured one after another on one instance would not compare.
 
     python -m benchmarks.publish [--messages 35000] [--chaos-updates 8918]
 """
+
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,19 +43,69 @@ from pipelines.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_inde
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "bench-publish-products"
 NAME = "publish"
+BENCH_ES_PORT = 9271
 CHAOS_ES_PORT = 9270
 
 
 def updates(kind: str, n: int, version: int) -> Iterator[dict]:
     """``n`` updates of ``kind`` shaped like the pipeline's (three categories; 100 neighbours)."""
     if kind == "predictions":
-        body = {"categories": [{"id": c, "name": c, "level": level, "score": 0.9, "confident": True}
-                               for level, c in enumerate(("Apparel", "Topwear", "Tshirts"), start=1)],
-                "attributes": {"colour": {"value": "Blue", "score": 0.8}}}
+        body = {
+            "categories": [
+                {"id": c, "name": c, "level": level, "score": 0.9, "confident": True}
+                for level, c in enumerate(("Apparel", "Topwear", "Tshirts"), start=1)
+            ],
+            "attributes": {"colour": {"value": "Blue", "score": 0.8}},
+        }
     else:
         body = {"neighbours": [{"id": str(j), "score": round(1 - j / 1000, 4)} for j in range(100)]}
     for i in range(n):
         yield message(kind, str(i), f"bench-{version}", f"m{version}", version, body)
+
+
+class PrivateStandIn:
+    """An Elasticsearch stand-in of the benchmark's own (data under ``.prodcat/<name>``) on ``port``."""
+
+    def __init__(self, name: str, port: int):
+        self.noida = str(Path(sys.executable).parent / "noida-db")
+        self.data = REPO / ".prodcat" / name
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+
+    def start(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [self.noida, "up", "--data-dir", str(self.data), "--only", "elasticsearch", "--elasticsearch-port", str(self.port)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        es = self.client()
+        deadline = time.monotonic() + 60
+        while not es.ping() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        subprocess.run([self.noida, "down", "--data-dir", str(self.data)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(self) -> Elasticsearch:
+        return EsConnection(url=self.url).client()
+
+    def fresh(self, documents: int) -> Elasticsearch:
+        """Restarts the stand-in empty, loads ``documents`` products, and returns a client."""
+        if self.data.exists():
+            self.stop()
+            shutil.rmtree(self.data)
+        self.start()
+        es = self.client()
+        recreate_index(es, INDEX, PRODUCT_MAPPINGS)
+        helpers.bulk(
+            es,
+            ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(documents)),
+            chunk_size=5000,
+            refresh=True,
+        )
+        return es
 
 
 def purge(rabbit: RabbitConnection, *queues: str) -> None:
@@ -62,17 +118,44 @@ def purge(rabbit: RabbitConnection, *queues: str) -> None:
 
 def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_exit_s: float = 3.0) -> List[dict]:
     """Runs ``processes`` consumers until the queue stays empty; returns each one's stats."""
-    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
-                               "consume", "--rate-limit", str(rate_limit), "--idle-exit-s", str(idle_exit_s)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "--es-url",
+                es_url,
+                "--products-index",
+                INDEX,
+                "--config",
+                str(config),
+                "consume",
+                "--rate-limit",
+                str(rate_limit),
+                "--idle-exit-s",
+                str(idle_exit_s),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
     return [json.loads(proc.communicate(timeout=3600)[0].strip().splitlines()[-1]) for proc in procs]
 
 
 def consumed_row(kind: str, processes: int, stats: List[dict]) -> dict:
     docs = sum(s["applied"] + s["noop"] for s in stats)
     seconds = max(s["last_ack_at"] for s in stats) - min(s["first_message_at"] for s in stats)
-    return {"kind": kind, "consumers": processes, "documents": docs, "dead_lettered": sum(s["dead_lettered"] for s in stats),
-            "indexed_docs_per_s": round(docs / seconds, 1)}
+    return {
+        "kind": kind,
+        "consumers": processes,
+        "documents": docs,
+        "dead_lettered": sum(s["dead_lettered"] for s in stats),
+        "indexed_docs_per_s": round(docs / seconds, 1),
+    }
 
 
 def stand_in_alone(es: Elasticsearch, kind: str, n: int, version: int, concurrency: int, bulk_size: int = 500) -> float:
@@ -97,13 +180,31 @@ def applied(es: Elasticsearch, version: int) -> int:
     return es.count(index=INDEX, query={"term": {"prediction_version": version}})["count"]
 
 
-def rate_limit_check(es: Elasticsearch, es_url: str, rabbit: RabbitConnection, queues: Dict[str, str], config: Path, setting: float,
-                     version: int) -> float:
+def rate_limit_check(
+    es: Elasticsearch, es_url: str, rabbit: RabbitConnection, queues: Dict[str, str], config: Path, setting: float, version: int
+) -> float:
     """Documents/s a consumer writes at ``setting``, over 10 s of a stream longer than that."""
     n = int(setting * 20)
     publish_parallel(rabbit, queues["queue"], queues["dead_letter_queue"], updates("predictions", n, version), 2)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--products-index", INDEX, "--config", str(config),
-                             "consume", "--rate-limit", str(setting)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "--es-url",
+            es_url,
+            "--products-index",
+            INDEX,
+            "--config",
+            str(config),
+            "consume",
+            "--rate-limit",
+            str(setting),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while applied(es, version) == 0:
             time.sleep(0.5)
@@ -118,37 +219,33 @@ def rate_limit_check(es: Elasticsearch, es_url: str, rabbit: RabbitConnection, q
 
 def chaos(n: int) -> dict:
     """The combined-fault sequence on a private stand-in (port 9270), which it stops and starts."""
-    noida = str(Path(sys.executable).parent / "noida-db")
-    data = REPO / ".prodcat" / "bench-chaos-noida"
-    data.mkdir(parents=True, exist_ok=True)
-
-    def start() -> None:
-        subprocess.run([noida, "up", "--data-dir", str(data), "--only", "elasticsearch", "--elasticsearch-port", str(CHAOS_ES_PORT)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop() -> None:
-        subprocess.run([noida, "down", "--data-dir", str(data)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    start()
-    url = f"http://127.0.0.1:{CHAOS_ES_PORT}"
-    es = EsConnection(url=url).client()
-    deadline = time.monotonic() + 60
-    while not es.ping() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    stand_in = PrivateStandIn("bench-chaos-noida", CHAOS_ES_PORT)
+    stand_in.start()
     try:
-        result = run_chaos(es, url, stop, start, RabbitConnection(), Path(tempfile.mkdtemp(prefix="bench-chaos-")), n, uuid.uuid4().hex[:8])
+        return run_chaos(
+            stand_in.client(),
+            stand_in.url,
+            stand_in.stop,
+            stand_in.start,
+            RabbitConnection(),
+            Path(tempfile.mkdtemp(prefix="bench-chaos-")),
+            n,
+            uuid.uuid4().hex[:8],
+        )
     finally:
-        stop()
-    return result
+        stand_in.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=35_000, help="updates per row (the catalogue is 35,528 products)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="publisher thread counts")
-    parser.add_argument("--es-url", default="http://127.0.0.1:9200")
-    parser.add_argument("--rate-limit", type=float, default=500.0,
-                        help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace")
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=500.0,
+        help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace",
+    )
     parser.add_argument("--chaos-updates", type=int, default=8918, help="updates in the combined-fault run (0: skip it)")
     args = parser.parse_args()
     from pipelines.config import load_config
@@ -160,15 +257,11 @@ def main() -> None:
     config.write_text(yaml.safe_dump(raw))
     p = load_config(config).publish
     queues = {"queue": p.queue, "dead_letter_queue": p.dead_letter_queue}
-    es = EsConnection(url=args.es_url).client()
     rabbit = RabbitConnection()
     connection = rabbit.connect()
     declare_queues(connection.channel(), p.queue, p.dead_letter_queue)
     connection.close()
     purge(rabbit, p.queue, p.dead_letter_queue)  # leftovers of an interrupted run
-    recreate_index(es, INDEX, PRODUCT_MAPPINGS)
-    helpers.bulk(es, ({"_index": INDEX, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}"}} for i in range(args.messages)),
-                 chunk_size=5000, refresh=True)
 
     version = 0
     publishing = []
@@ -176,42 +269,59 @@ def main() -> None:
         version += 1
         purge(rabbit, p.queue)
         started = time.perf_counter()
-        sent = sum(publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates("predictions", args.messages, version), workers,
-                                    p.batch_size).values())
-        publishing.append({"workers": workers, "messages": sent, "batch_size": p.batch_size,
-                           "publish_msgs_per_s": round(sent / (time.perf_counter() - started), 1)})
+        sent = sum(
+            publish_parallel(
+                rabbit, p.queue, p.dead_letter_queue, updates("predictions", args.messages, version), workers, p.batch_size
+            ).values()
+        )
+        publishing.append(
+            {
+                "workers": workers,
+                "messages": sent,
+                "batch_size": p.batch_size,
+                "publish_msgs_per_s": round(sent / (time.perf_counter() - started), 1),
+            }
+        )
         print(publishing[-1], flush=True)
+    purge(rabbit, p.queue)
 
-    consuming = [consumed_row("predictions", 1, consume(args.es_url, config, 1, 0))]  # the last publishing row's messages
-    print(consuming[-1], flush=True)
-    for kind, processes in (("neighbours", 1), ("predictions", 2)):
-        version += 1
-        publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates(kind, args.messages, version), 2, p.batch_size)
-        consuming.append(consumed_row(kind, processes, consume(args.es_url, config, processes, 0)))
-        print(consuming[-1], flush=True)
-
-    alone = []
-    for kind in ("predictions", "neighbours"):
-        for concurrency in (1, 2):
+    stand_in = PrivateStandIn("bench-publish-noida", BENCH_ES_PORT)
+    consuming, alone = [], []
+    try:
+        for kind, processes in (("predictions", 1), ("neighbours", 1), ("predictions", 2)):
             version += 1
-            alone.append({"kind": kind, "concurrent_requests": concurrency,
-                          "docs_per_s": stand_in_alone(es, kind, args.messages, version, concurrency, p.consumer_bulk_size)})
+            stand_in.fresh(args.messages)
+            publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates(kind, args.messages, version), 2, p.batch_size)
+            consuming.append(consumed_row(kind, processes, consume(stand_in.url, config, processes, 0)))
+            print(consuming[-1], flush=True)
+        for kind, concurrency in (("predictions", 1), ("predictions", 2), ("neighbours", 1)):
+            version += 1
+            es = stand_in.fresh(args.messages)
+            alone.append(
+                {
+                    "kind": kind,
+                    "concurrent_requests": concurrency,
+                    "docs_per_s": stand_in_alone(es, kind, args.messages, version, concurrency, p.consumer_bulk_size),
+                }
+            )
             print(alone[-1], flush=True)
-
-    version += 1
-    observed = rate_limit_check(es, args.es_url, rabbit, queues, config, args.rate_limit, version)
+        version += 1
+        es = stand_in.fresh(args.messages)
+        observed = rate_limit_check(es, stand_in.url, rabbit, queues, config, args.rate_limit, version)
+    finally:
+        stand_in.stop()
     results = {
         "messages": args.messages,
         "publishing": publishing,
         "consuming": consuming,
         "stand_in_alone": alone,
+        "stand_in": "noida-db, restarted empty and loaded with `messages` documents before each consuming and stand_in_alone row",
         "rate_limit": {"setting": args.rate_limit, "observed": observed},
         "consumer": {"bulk_size": p.consumer_bulk_size, "prefetch": p.consumer_prefetch, "concurrency": p.consumer_concurrency},
     }
     if args.chaos_updates:
         results["chaos"] = chaos(args.chaos_updates)
         print({k: v for k, v in results["chaos"].items() if k != "dead_letter_queue"}, flush=True)
-    es.indices.delete(index=INDEX)
     write_results(NAME, results)
 
 

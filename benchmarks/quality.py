@@ -5,9 +5,9 @@ configured model type over three training seeds (median, min, max), the others w
 
     python -m benchmarks.quality --preprocess-dir .prodcat/bench/data/runs/prodcat_categorise/bench/preprocess
 
-With ``--reuse`` finished runs in ``--work-dir`` are read back, so that it can run in parts
-(``--models wide_deep --seeds 42``, ...) and a last call assembles the results file.
+Every figure it writes is measured in that call: nothing is read back from earlier runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +20,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from pipelines import storage
 from benchmarks.results_file import write_results
+from pipelines import features, storage
 from pipelines.catalogue import RuleLabeller
 from pipelines.config import load_config
 from pipelines.preprocess import read_clean_rows
@@ -35,9 +35,15 @@ SEEDS = (42, 43, 44)
 
 
 def level_summary(metrics: dict) -> Dict[str, dict]:
-    return {lvl: {"micro_f1": round(v["micro_f1"], 4), "precision_at_1": round(v["precision_at_1"], 4),
-                  "micro_precision": round(v["micro_precision"], 4), "micro_recall": round(v["micro_recall"], 4)}
-            for lvl, v in metrics["levels"].items()}
+    return {
+        lvl: {
+            "micro_f1": round(v["micro_f1"], 4),
+            "precision_at_1": round(v["precision_at_1"], 4),
+            "micro_precision": round(v["micro_precision"], 4),
+            "micro_recall": round(v["micro_recall"], 4),
+        }
+        for lvl, v in metrics["levels"].items()
+    }
 
 
 def text_of(row: dict) -> str:
@@ -49,8 +55,8 @@ def sklearn_baseline(train_rows: List[dict], test_rows: List[dict], tree: Catego
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
-    labelled = [r for r in train_rows if r["rule_categories"]]
-    y = truth_matrix(tree, [r["rule_categories"] for r in labelled])
+    labelled = [r for r in train_rows if r[features.RULE_CATEGORIES]]
+    y = truth_matrix(tree, [r[features.RULE_CATEGORIES] for r in labelled])
     used = np.flatnonzero(y.any(axis=0) & ~y.all(axis=0))
     vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
     x = vectorizer.fit_transform([text_of(r) for r in labelled])
@@ -72,24 +78,27 @@ def rule_reach(tree: CategoryTree, rules_path: Path, true_ids: List[str], level:
     return sum(any(c in emitted for c in path) for path in at_level) / max(len(at_level), 1)
 
 
-def run_model(cfg, model_type: str, seed: int, preprocess_dir: str, work_dir: str, reuse: bool) -> dict:
-    """Trains and evaluates one model type with one seed; with ``reuse``, a finished run's result is read back."""
+def run_model(cfg, model_type: str, seed: int, preprocess_dir: str, work_dir: str) -> dict:
+    """Trains and evaluates one model type with one seed."""
     from trainer.evaluate import evaluate_model
     from trainer.train import train
 
     model_dir = os.path.join(work_dir, f"{model_type}-seed{seed}")
-    result_path = model_dir + ".json"
-    if reuse and os.path.exists(result_path):
-        return storage.read_json(result_path)
     run_cfg = cfg.replace_model(type=model_type, seed=seed)
     started = time.perf_counter()
     card = train(run_cfg, preprocess_dir, model_dir, f"bench-{model_type}-{seed}", "bench")
     train_seconds = time.perf_counter() - started
     metrics = evaluate_model(run_cfg, model_dir, preprocess_dir)
-    result = {"model": model_type, "seed": seed, "ground_truth": metrics["ground_truth"], "train_seconds": round(train_seconds, 1),
-              "train_examples_per_s": card["train_examples_per_s"], "epochs": len(card["history"]["loss"]),
-              "self_training": card["self_training"], "thresholds_from": card["thresholds_from"]}
-    storage.write_json(result_path, result)
+    result = {
+        "model": model_type,
+        "seed": seed,
+        "ground_truth": metrics["ground_truth"],
+        "train_seconds": round(train_seconds, 1),
+        "train_examples_per_s": card["train_examples_per_s"],
+        "epochs": len(card["history"]["loss"]),
+        "self_training": card["self_training"],
+        "thresholds_from": card["thresholds_from"],
+    }
     return result
 
 
@@ -102,25 +111,30 @@ def main() -> None:
     parser.add_argument("--preprocess-dir", required=True)
     parser.add_argument("--work-dir", default=str(REPO / ".prodcat" / "bench" / "quality"))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
-                        help="training seeds of the configured model type; the other types run with the first")
-    parser.add_argument("--reuse", action="store_true", help="read back runs already finished in --work-dir (to run in parts)")
+    parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=list(SEEDS),
+        help="training seeds of the configured model type; the other types run with the first",
+    )
     parser.add_argument("--rules", default=str(REPO / "data" / "labelling_rules.yaml"))
     args = parser.parse_args()
 
     cfg = load_config(REPO / "feature_config.yaml")
+    truth_field = cfg.labels.ground_truth_field
     tree = CategoryTree.from_records(storage.read_json(storage.join(args.preprocess_dir, "categories.json")))
-    rows = list(read_clean_rows(args.preprocess_dir, columns=["id", "title", "gender", "split", "rule_categories", "true_category"]))
+    rows = list(read_clean_rows(args.preprocess_dir, columns=["id", "title", "gender", "split", features.RULE_CATEGORIES, truth_field]))
     test = [r for r in rows if r["split"] == "test"]
     train_rows = [r for r in rows if r["split"] == "train"]
-    truth = truth_matrix(tree, [[r["true_category"]] for r in test])
+    truth = truth_matrix(tree, [[r[truth_field]] for r in test])
     levels: Dict[str, Dict[str, dict]] = {}
 
     def add(system: str, metrics: dict) -> None:
         for lvl, values in level_summary(metrics).items():
             levels.setdefault(lvl, {})[system] = values
 
-    rules = truth_matrix(tree, [r["rule_categories"] or [] for r in test])
+    rules = truth_matrix(tree, [r[features.RULE_CATEGORIES] or [] for r in test])
     rules_metrics = evaluate_predictions(rules.astype(np.float32), rules, truth, tree)
     add("rules", rules_metrics)
     scores, positive, sk_info = sklearn_baseline(train_rows, test, tree)
@@ -129,7 +143,7 @@ def main() -> None:
     runs: Dict[str, List[dict]] = {}
     for model_type in args.models:
         for seed in args.seeds if model_type == cfg.model.type else args.seeds[:1]:
-            run = run_model(cfg, model_type, seed, args.preprocess_dir, args.work_dir, args.reuse)
+            run = run_model(cfg, model_type, seed, args.preprocess_dir, args.work_dir)
             runs.setdefault(model_type, []).append(run)
             print(model_type, seed, json.dumps(level_summary(run["ground_truth"])), flush=True)
     # A model's row: the run with the median hierarchical F1 over its seeds.
@@ -157,19 +171,27 @@ def main() -> None:
         ),
         "best_model_micro_f1_over_seeds": over_seeds,
         "best_model_margin_over_rules_level_3": round(over_seeds[finest]["median"] - levels[finest]["rules"]["micro_f1"], 4),
-        "seeds": [{"model": r["model"], "seed": r["seed"], "hierarchical_f1": round(r["ground_truth"]["hierarchical_f1"], 4),
-                   "micro_f1": {lvl: round(v["micro_f1"], 4) for lvl, v in r["ground_truth"]["levels"].items()},
-                   "train_seconds": r["train_seconds"], "epochs": r["epochs"], "self_training": r["self_training"]}
-                  for r in best_runs],
+        "seeds": [
+            {
+                "model": r["model"],
+                "seed": r["seed"],
+                "hierarchical_f1": round(r["ground_truth"]["hierarchical_f1"], 4),
+                "micro_f1": {lvl: round(v["micro_f1"], 4) for lvl, v in r["ground_truth"]["levels"].items()},
+                "train_seconds": r["train_seconds"],
+                "epochs": r["epochs"],
+                "self_training": r["self_training"],
+            }
+            for r in best_runs
+        ],
         "seeds_per_model": {m: [r["seed"] for r in rs] for m, rs in runs.items()},
         "model_rows_are": "each model type's run with the median hierarchical F1 over its seeds",
         "thresholds_from": median_run[best]["thresholds_from"],
-        "rule_reach_level_3": round(rule_reach(tree, Path(args.rules), [r["true_category"] for r in test], 3), 4),
+        "rule_reach_level_3": round(rule_reach(tree, Path(args.rules), [r[truth_field] for r in test], 3), 4),
         "train_examples_per_s": round(median_run[best]["train_examples_per_s"], 1),
         "train_examples_per_s_by_model": {m: round(v["train_examples_per_s"], 1) for m, v in median_run.items()},
         "sklearn": sk_info,
         "split": {s: sum(r["split"] == s for r in rows) for s in ("train", "eval", "test")},
-        "labelled_train_examples": sum(bool(r["rule_categories"]) for r in train_rows),
+        "labelled_train_examples": sum(bool(r[features.RULE_CATEGORIES]) for r in train_rows),
     }
     write_results(NAME, result)
     print(json.dumps({k: v for k, v in result.items() if k != "levels"}, indent=1))

@@ -1,4 +1,5 @@
 """What every benchmark writes beside its figures: the machine, the date, an atomic results file."""
+
 from __future__ import annotations
 
 import json

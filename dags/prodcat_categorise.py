@@ -13,19 +13,18 @@ Each task writes only into its run's folder (`<data_root>/runs/<run_id>/<stage>`
 be cleared and rerun alone. Connections: `prodcat_elasticsearch`, `prodcat_rabbitmq`
 (local defaults where missing); variable `prodcat_data_root`.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
-import pendulum
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
 from pipelines.assets import PREDICTIONS_URI
 from pipelines.config import load_config
+from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_params, wait_indexed_limits
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
-PUBLISH = load_config(CONFIG_PATH).publish  # the sensor's pace and time limit
+WAIT_INDEXED = wait_indexed_limits(load_config(CONFIG_PATH).publish)
 PREDICTIONS = Asset(PREDICTIONS_URI)
 
 PARAMS = {
@@ -33,30 +32,20 @@ PARAMS = {
     "limit": Param(None, type=["null", "integer"], minimum=1, description="Dump at most this many products (trial runs)."),
     "categories": Param([], type="array", items={"type": "string"}, description="Only products under these category ids."),
     "force_publish": Param(False, type="boolean", description="Publish even if the model fails the blessing gate."),
-    "beam_runner": Param(
-        "DirectRunner", type="string", enum=["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
-        description="Beam runner for preprocessing and neighbours.",
-    ),
-    "beam_options": Param([], type="array", items={"type": "string"}, description="Extra Beam flags, e.g. --project=..."),
-    "data_root": Param(None, type=["null", "string"], description="Run folders root (local path or gs://); default: variable prodcat_data_root."),
+    **run_params(),
 }
 
 
 @dag(
     dag_id="prodcat_categorise",
     schedule="@weekly",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
     tags=["prodcat", "ml"],
     params=PARAMS,
     doc_md=__doc__,
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "execution_timeout": timedelta(hours=6),
-    },
+    default_args=default_args(execution_timeout=timedelta(hours=6)),
 )
 def prodcat_categorise():
     @task
@@ -103,7 +92,7 @@ def prodcat_categorise():
 
         return run_task("publish_predictions", CONFIG_PATH, predict_dir)
 
-    @task.sensor(poke_interval=PUBLISH.reconcile_poke_s, timeout=PUBLISH.reconcile_timeout_s, mode="reschedule")
+    @task.sensor(**WAIT_INDEXED)
     def wait_indexed(publish_dir: str) -> PokeReturnValue:
         """Waits, without holding a worker slot, until the consumer wrote every update; re-publishes
         what went missing (pipelines.writeback)."""

@@ -7,33 +7,33 @@ dead-letter-queue input does; the consumer applies them (versioned: never over a
 dead-letters them again with their reason. The others stay in the dead-letter queue. The dead-letter
 index keeps the history of every dead letter.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
-import pendulum
 from airflow.sdk import Param, dag, task
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
+from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args
 
 PARAMS = {
     "run_id": Param(None, type=["null", "string"], description="Only the dead letters of this run (default: all)."),
-    "reason_contains": Param(None, type=["null", "string"], description="Only dead letters whose reason contains this text, e.g. http_404."),
+    "reason_contains": Param(
+        None, type=["null", "string"], description="Only dead letters whose reason contains this text, e.g. http_404."
+    ),
 }
 
 
 @dag(
     dag_id="prodcat_replay_dead_letters",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
     tags=["prodcat", "operations"],
     params=PARAMS,
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
-                  "execution_timeout": timedelta(hours=1)},
+    default_args=default_args(execution_timeout=timedelta(hours=1)),
 )
 def prodcat_replay_dead_letters():
     @task

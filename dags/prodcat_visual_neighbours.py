@@ -10,47 +10,40 @@ for every product, the top-k visually closest products within its second-level c
 The predictions to use come from the triggering asset event; a manual trigger names them
 with the `predict_dir` and `preprocess_dir` params (folders of a categorisation run).
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
-import pendulum
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
 from pipelines.assets import PREDICTIONS_URI
 from pipelines.config import load_config
+from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_params, wait_indexed_limits
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
-PUBLISH = load_config(CONFIG_PATH).publish  # the sensor's pace and time limit
+WAIT_INDEXED = wait_indexed_limits(load_config(CONFIG_PATH).publish)
 
 PARAMS = {
-    "predict_dir": Param(None, type=["null", "string"], description="A categorisation run's predict folder; default: the triggering asset event's."),
-    "preprocess_dir": Param(None, type=["null", "string"], description="The same run's preprocess folder; default: the triggering asset event's."),
-    "beam_runner": Param(
-        "DirectRunner", type="string", enum=["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
-        description="Beam runner for the neighbours pipeline.",
+    "predict_dir": Param(
+        None, type=["null", "string"], description="A categorisation run's predict folder; default: the triggering asset event's."
     ),
-    "beam_options": Param([], type="array", items={"type": "string"}, description="Extra Beam flags, e.g. --project=..."),
-    "data_root": Param(None, type=["null", "string"], description="Run folders root (local path or gs://); default: variable prodcat_data_root."),
+    "preprocess_dir": Param(
+        None, type=["null", "string"], description="The same run's preprocess folder; default: the triggering asset event's."
+    ),
+    **run_params(),
 }
 
 
 @dag(
     dag_id="prodcat_visual_neighbours",
     schedule=[Asset(PREDICTIONS_URI)],
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
     tags=["prodcat", "similarity"],
     params=PARAMS,
     doc_md=__doc__,
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "execution_timeout": timedelta(hours=4),
-    },
+    default_args=default_args(execution_timeout=timedelta(hours=4)),
 )
 def prodcat_visual_neighbours():
     @task
@@ -65,7 +58,7 @@ def prodcat_visual_neighbours():
 
         return run_task("publish_neighbours", CONFIG_PATH, neighbours_dir)
 
-    @task.sensor(poke_interval=PUBLISH.reconcile_poke_s, timeout=PUBLISH.reconcile_timeout_s, mode="reschedule")
+    @task.sensor(**WAIT_INDEXED)
     def wait_indexed(publish_dir: str) -> PokeReturnValue:
         """Waits, without holding a worker slot, until the consumer wrote every update; re-publishes
         what went missing (pipelines.writeback)."""

@@ -1,5 +1,6 @@
 """The Airflow entry point of prodcat's tasks: reads params, connections and variables of
 the running task and calls :mod:`pipelines.tasks`. Imported only inside tasks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -123,9 +124,7 @@ def run_settings(context: Mapping[str, Any], config_path: str, project: Optional
     run = context["dag_run"]
     # an asset-triggered run has no logical date
     when = context.get("logical_date") or run.run_after
-    data_root = params.get("data_root") or Variable.get(
-        DATA_ROOT_VARIABLE, default=os.path.join(os.path.expanduser("~"), "prodcat-data")
-    )
+    data_root = params.get("data_root") or Variable.get(DATA_ROOT_VARIABLE, default=os.path.join(os.path.expanduser("~"), "prodcat-data"))
     beam_args = beam_arguments(params, project)
     return RunSettings(
         data_root=data_root,
@@ -144,13 +143,13 @@ def run_settings(context: Mapping[str, Any], config_path: str, project: Optional
 
 
 def run_task(name: str, config_path: str, *paths: str) -> Any:
-    """Runs :mod:`pipelines.tasks` function ``name`` for the current Airflow task."""
+    """Runs stage ``name`` of :data:`pipelines.tasks.TASKS` for the current Airflow task."""
     from airflow.sdk import get_current_context
 
     from pipelines import tasks
 
     with google_cloud_credentials() as project:
-        return getattr(tasks, name)(run_settings(get_current_context(), config_path, project), *paths)
+        return tasks.TASKS[name](run_settings(get_current_context(), config_path, project), *paths)
 
 
 def poke_indexed(config_path: str, publish_dir: str) -> Any:
@@ -189,8 +188,10 @@ def predictions_folders(context: Mapping[str, Any]) -> Tuple[str, str]:
 
     events = list(context["triggering_asset_events"].get(Asset(PREDICTIONS_URI), []))
     if not events:
-        raise ValueError("no predictions to use: trigger with params predict_dir and preprocess_dir, "
-                         f"or let an update of {PREDICTIONS_URI} start this DAG")
+        raise ValueError(
+            "no predictions to use: trigger with params predict_dir and preprocess_dir, "
+            f"or let an update of {PREDICTIONS_URI} start this DAG"
+        )
     extra = max(events, key=lambda e: e.timestamp).extra
     return extra["preprocess_dir"], extra["predict_dir"]
 

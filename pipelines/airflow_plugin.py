@@ -5,15 +5,15 @@ The app serves ``/prodcat/reports/{dag_id}/{run_id}``: the file that run's ``rep
 returned (its XCom), read through :mod:`pipelines.storage` (local or ``gs://``), for users allowed
 to read the DAG's runs. Registered through the ``airflow.plugins`` entry point in ``setup.py``.
 """
-from __future__ import annotations
 
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import HTMLResponse
+from __future__ import annotations
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
 
 URL_PREFIX = "/prodcat"
 REPORT_TASK = "report"
@@ -34,8 +34,7 @@ def report_path(session: SessionDep, dag_id: str, run_id: str) -> str:
     return XComModel.deserialize_value(row)
 
 
-@app.get("/reports/{dag_id}/{run_id}", response_class=HTMLResponse,
-         dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.RUN))])
+@app.get("/reports/{dag_id}/{run_id}", response_class=HTMLResponse, dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.RUN))])
 def run_report(dag_id: str, run_id: str, session: SessionDep) -> HTMLResponse:
     """The run's report page."""
     from pipelines import storage

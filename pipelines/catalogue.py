@@ -4,6 +4,7 @@ The rule-based labeller lives here too: it plays the retailer's rule system, wri
 positive-only, incomplete ``rule_categories``. The true category stays on the document
 as ground truth for evaluation only.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,13 +39,10 @@ class RuleLabeller:
         self.rules = tuple(rules)
 
     @classmethod
-    def from_yaml(cls, path: str, tree: CategoryTree) -> "RuleLabeller":
+    def from_yaml(cls, path: str, tree: CategoryTree) -> RuleLabeller:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
-        rules = [
-            Rule(category=r["category"], patterns=tuple(re.compile(p, re.IGNORECASE) for p in r["patterns"]))
-            for r in raw["rules"]
-        ]
+        rules = [Rule(category=r["category"], patterns=tuple(re.compile(p, re.IGNORECASE) for p in r["patterns"])) for r in raw["rules"]]
         return cls(rules, tree)
 
     def label(self, title: str) -> List[str]:

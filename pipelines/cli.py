@@ -1,4 +1,5 @@
 """``prodcat``: the command line entry point (seeding, services, single stages, the demo run)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "data" / "fashion_slice"
 RULES = REPO / "data" / "labelling_rules.yaml"
 TREE = REPO / "data" / "fashion_categories.json"
-STAGES = ("dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "publish_predictions",
-          "neighbours", "publish_neighbours", "wait_indexed", "report")
+# the names of pipelines.tasks.TASKS, which tests/test_dag.py checks; importing it here would load Beam for every command
+STAGES = (
+    "dump",
+    "preprocess",
+    "validate_statistics",
+    "train",
+    "evaluate",
+    "predict",
+    "publish_predictions",
+    "neighbours",
+    "publish_neighbours",
+    "wait_indexed",
+    "report",
+)
 
 
 def _es(args: argparse.Namespace) -> EsConnection:
@@ -32,9 +45,13 @@ def _es(args: argparse.Namespace) -> EsConnection:
 
 
 def _rabbit(args: argparse.Namespace) -> RabbitConnection:
-    return RabbitConnection(host=args.rabbit_host, port=args.rabbit_port, virtual_host=args.rabbit_vhost,
-                            username=os.environ.get("PRODCAT_RABBIT_USER", "guest"),
-                            password=os.environ.get("PRODCAT_RABBIT_PASSWORD", "guest"))
+    return RabbitConnection(
+        host=args.rabbit_host,
+        port=args.rabbit_port,
+        virtual_host=args.rabbit_vhost,
+        username=os.environ.get("PRODCAT_RABBIT_USER", "guest"),
+        password=os.environ.get("PRODCAT_RABBIT_PASSWORD", "guest"),
+    )
 
 
 def cmd_seed(args: argparse.Namespace) -> None:
@@ -64,10 +81,15 @@ def cmd_consume(args: argparse.Namespace) -> None:
 
     p = load_config(args.config).publish
     settings = ConsumerSettings(
-        queue=p.queue, dead_letter_queue=p.dead_letter_queue, index=args.products_index,
-        bulk_size=p.consumer_bulk_size, flush_s=p.consumer_flush_s,
+        queue=p.queue,
+        dead_letter_queue=p.dead_letter_queue,
+        index=args.products_index,
+        bulk_size=p.consumer_bulk_size,
+        flush_s=p.consumer_flush_s,
         rate_limit_docs_per_s=args.rate_limit if args.rate_limit is not None else p.consumer_rate_limit_docs_per_s,
-        prefetch=p.consumer_prefetch, concurrency=p.consumer_concurrency, idle_exit_s=args.idle_exit_s,
+        prefetch=p.consumer_prefetch,
+        concurrency=p.consumer_concurrency,
+        idle_exit_s=args.idle_exit_s,
     )
     stats = Consumer(_rabbit(args), _es(args).client(), settings).run()
     print(json.dumps(stats))
@@ -78,8 +100,9 @@ def cmd_replay(args: argparse.Namespace) -> None:
     from pipelines.writeback import replay_dead_letters
 
     p = load_config(args.config).publish
-    counts = replay_dead_letters(_rabbit(args), p.queue, p.dead_letter_queue, run_id=args.run_id,
-                                 reason_contains=args.reason_contains, batch_size=p.batch_size)
+    counts = replay_dead_letters(
+        _rabbit(args), p.queue, p.dead_letter_queue, run_id=args.run_id, reason_contains=args.reason_contains, batch_size=p.batch_size
+    )
     print(json.dumps(counts))
 
 
@@ -87,12 +110,20 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from pipelines import tasks
 
     settings = tasks.RunSettings(
-        data_root=args.data_root, run_id=args.run_id, version=args.version, config_path=args.config, dag_id=args.dag_id,
-        products_index=args.products_index, categories_index=args.categories_index,
-        es=_es(args), rabbit=_rabbit(args), model_type=args.model_type, limit=args.limit,
+        data_root=args.data_root,
+        run_id=args.run_id,
+        version=args.version,
+        config_path=args.config,
+        dag_id=args.dag_id,
+        products_index=args.products_index,
+        categories_index=args.categories_index,
+        es=_es(args),
+        rabbit=_rabbit(args),
+        model_type=args.model_type,
+        limit=args.limit,
         beam_args=tuple(["--runner=DirectRunner", *args.beam_arg]),
     )
-    print(getattr(tasks, args.stage)(settings, *args.paths))
+    print(tasks.TASKS[args.stage](settings, *args.paths))
 
 
 def airflow_env(airflow_home: Path, data_root: str, es_url: str, rabbit_host: str, rabbit_port: int) -> dict:
@@ -105,7 +136,9 @@ def airflow_env(airflow_home: Path, data_root: str, es_url: str, rabbit_host: st
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW_VAR_PRODCAT_DATA_ROOT": data_root,
         "AIRFLOW_CONN_PRODCAT_ELASTICSEARCH": json.dumps({"conn_type": "generic", "host": host, "port": int(port or 9200)}),
-        "AIRFLOW_CONN_PRODCAT_RABBITMQ": json.dumps({"conn_type": "generic", "host": rabbit_host, "port": rabbit_port, "login": "guest", "password": "guest"}),
+        "AIRFLOW_CONN_PRODCAT_RABBITMQ": json.dumps(
+            {"conn_type": "generic", "host": rabbit_host, "port": rabbit_port, "login": "guest", "password": "guest"}
+        ),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
@@ -151,8 +184,12 @@ def run_dags(env: dict, data_root: str, conf: dict, run_after: str, log: Optiona
     if log:
         print_stages(home, "prodcat_categorise", categorised)
     neighbours_conf = {"predict_dir": str(categorised / "predict"), "preprocess_dir": str(categorised / "preprocess")}
-    subprocess.run(airflow + ["dags", "test", "prodcat_visual_neighbours", run_after, "--conf", json.dumps(neighbours_conf)],
-                   env=env, check=True, **output)
+    subprocess.run(
+        airflow + ["dags", "test", "prodcat_visual_neighbours", run_after, "--conf", json.dumps(neighbours_conf)],
+        env=env,
+        check=True,
+        **output,
+    )
     neighbours_run = latest_run(data_root, "prodcat_visual_neighbours")
     if log:
         print_stages(home, "prodcat_visual_neighbours", neighbours_run)
@@ -168,9 +205,13 @@ def print_report(es_url: str, run: str, neighbours_run: str, products_index: str
     for against in ("rule_labels", "ground_truth"):
         m = metrics[against]
         levels = " / ".join(f"{v['micro_f1']:.3f}" for _, v in sorted(m.get("levels", {}).items()))
-        print(f"test vs {against:<12} {m['examples']} products: precision@1 {m.get('precision_at_1', 0):.3f}, "
-              f"hierarchical F1 {m.get('hierarchical_f1', 0):.3f}, micro-F1 per level {levels}")
-    hits = es.search(index=products_index, query={"exists": {"field": "visual_neighbours.id"}}, size=3, sort=[{"id": "asc"}])["hits"]["hits"]
+        print(
+            f"test vs {against:<12} {m['examples']} products: precision@1 {m.get('precision_at_1', 0):.3f}, "
+            f"hierarchical F1 {m.get('hierarchical_f1', 0):.3f}, micro-F1 per level {levels}"
+        )
+    hits = es.search(index=products_index, query={"exists": {"field": "visual_neighbours.id"}}, size=3, sort=[{"id": "asc"}])["hits"][
+        "hits"
+    ]
     for hit in hits:
         doc = hit["_source"]
         print(f"{doc['id']}: {doc['title']!r} (true: {doc['true_category']})")
@@ -200,9 +241,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         common = ["--es-url", args.es_url, "--rabbit-host", args.rabbit_host, "--rabbit-port", str(args.rabbit_port)]
         started = time.perf_counter()
-        seeded = subprocess.run([sys.executable, "-m", "pipelines.cli", *common, "seed", "--catalogue", args.catalogue,
-                                 "--image-base-url", f"http://127.0.0.1:{args.image_port}"],
-                                check=True, stdout=subprocess.PIPE, stderr=log, text=True)
+        seeded = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                *common,
+                "seed",
+                "--catalogue",
+                args.catalogue,
+                "--image-base-url",
+                f"http://127.0.0.1:{args.image_port}",
+            ],
+            check=True,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
         counts = json.loads(seeded.stdout)
         text = f"{counts['seeded_products']} products, {counts['categories']} categories"
         print(f"{'seed':<22} {text:<72} {time.perf_counter() - started:6.1f} s")

@@ -3,6 +3,7 @@
 Every other module takes a :class:`FeatureConfig` (or one of its records); nothing
 else parses the file. Unknown keys are rejected with the list of allowed ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
+VERSIONS = (1,)  # of the file's layout; a file of another version is refused, not misread
 INPUT_KINDS = ("text", "categorical", "dense", "image")
 MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
 ENCODERS = ("efficientnet_lite0", "keras_resnet50")
+IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
 TOKENISERS = ("words", "char_ngrams")
 THRESHOLD_LABELS = ("rules", "golden")
@@ -65,6 +68,7 @@ class ImageInput:
     weights_path: Optional[str] = None
     fetch_timeout_s: float = 10.0
     fetch_retries: int = 2
+    runtime: str = "onnxruntime"  # efficientnet_lite0 only: "onnxruntime" or "torch" (eager float32)
     kind: str = "image"
 
 
@@ -81,7 +85,6 @@ class AttributeLabel:
 
 @dataclasses.dataclass(frozen=True)
 class Labels:
-    tree_index: str
     levels: int
     rule_field: str
     ground_truth_field: str
@@ -180,7 +183,7 @@ class FeatureConfig:
         images = self.inputs_of("image")
         return images[0] if images else None  # type: ignore[return-value]
 
-    def replace_model(self, **changes: Any) -> "FeatureConfig":
+    def replace_model(self, **changes: Any) -> FeatureConfig:
         """A copy with some model settings changed (e.g. a DAG run's model type)."""
         model = _build(Model, {**dataclasses.asdict(self.model), **changes}, "model")
         cfg = dataclasses.replace(self, model=model)
@@ -257,6 +260,7 @@ def _validate(cfg: FeatureConfig) -> None:
     if len(cfg.inputs_of("image")) > 1:
         raise ConfigError("inputs: at most one image input is supported")
     checks = [
+        (cfg.version in VERSIONS, f"version: must be one of {list(VERSIONS)}"),
         (cfg.model.type in MODEL_TYPES, f"model.type: must be one of {list(MODEL_TYPES)}"),
         (cfg.neighbours.group_by in GROUP_BY, f"neighbours.group_by: must be one of {list(GROUP_BY)}"),
         (1 <= cfg.neighbours.group_level <= cfg.labels.levels, "neighbours.group_level: must be within labels.levels"),
@@ -271,10 +275,16 @@ def _validate(cfg: FeatureConfig) -> None:
     for inp in cfg.inputs:
         if isinstance(inp, ImageInput):
             checks.append((inp.encoder in ENCODERS, f"inputs.{inp.name}.encoder: must be one of {list(ENCODERS)}"))
+            checks.append((inp.runtime in IMAGE_RUNTIMES, f"inputs.{inp.name}.runtime: must be one of {list(IMAGE_RUNTIMES)}"))
         if isinstance(inp, TextInput):
             checks.append((inp.tokens in TOKENISERS, f"inputs.{inp.name}.tokens: must be one of {list(TOKENISERS)}"))
             lengths = inp.ngram_range
-            checks.append((len(lengths) == 2 and 1 <= lengths[0] <= lengths[1], f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max"))
+            checks.append(
+                (
+                    len(lengths) == 2 and 1 <= lengths[0] <= lengths[1],
+                    f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max",
+                )
+            )
         if isinstance(inp, CategoricalInput) and inp.derive is not None:
             checks.append((inp.derive in DERIVATIONS, f"inputs.{inp.name}.derive: must be one of {list(DERIVATIONS)}"))
     for ok, message in checks:

@@ -9,6 +9,7 @@
   messages arriving late are no-ops;
 - SIGTERM: stop taking messages, flush, ack, exit.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,9 +24,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import pika
 import tenacity
-from elasticsearch import ApiError, Elasticsearch
+from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch
 from elasticsearch import ConnectionError as EsConnectionError
-from elasticsearch import ConnectionTimeout
 
 from pipelines.publish import KINDS, RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
 from pipelines.search_index import DEAD_LETTER_MAPPINGS, ensure_index
@@ -136,7 +136,7 @@ class ConsumerSettings:
     flush_s: float = 2.0
     rate_limit_docs_per_s: float = 2000.0
     prefetch: int = 1500
-    concurrency: int = 2  # bulk requests in flight at once
+    concurrency: int = 1  # bulk requests in flight at once
     max_backoff_s: float = 30.0
     idle_exit_s: Optional[float] = None  # for one-shot runs: exit when the queue stays empty this long
 
@@ -289,7 +289,7 @@ class Consumer:
         if self.s.rate_limit_docs_per_s > 0:
             chunk = max(1, min(chunk, int(self.s.rate_limit_docs_per_s)))
         for start in range(0, len(batch), chunk):
-            self.in_flight.append(pool.submit(self.writer.write, batch[start:start + chunk]))
+            self.in_flight.append(pool.submit(self.writer.write, batch[start : start + chunk]))
 
     def _acknowledge(self, channel, wait: bool) -> None:
         """Dead-letters and acks finished batches in submission order (one ack for a whole batch);
@@ -311,6 +311,5 @@ class Consumer:
             exchange="",
             routing_key=self.s.dead_letter_queue,
             body=json.dumps(self.writer.dead_letter_record(item)).encode("utf-8"),
-            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
-                                            headers={"x-prodcat-reason": item.reason[:200]}),
+            properties=pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, headers={"x-prodcat-reason": item.reason[:200]}),
         )

@@ -4,25 +4,28 @@ Each slice streams pages into its own gzip JSON-lines file, so memory stays flat
 number of products. Files land in a temporary folder that replaces the stage folder
 only when every slice finished (see :func:`pipelines.storage.atomic_stage`).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
 import gzip
 import json
 import logging
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Tuple
 
 from elasticsearch import Elasticsearch
 
 from pipelines import storage
+from pipelines.config import FeatureConfig
 from pipelines.taxonomy import CategoryTree
 
 log = logging.getLogger(__name__)
 
-PRODUCT_FIELDS = (
-    "id", "title", "gender", "base_colour", "season", "usage", "year",
-    "image_url", "true_category", "rule_categories",
-)
+
+def product_fields(cfg: FeatureConfig) -> Tuple[str, ...]:
+    """The document fields the pipeline reads: the inputs' and labels' sources, and the id."""
+    sources = {i.source for i in cfg.inputs} | {a.source for a in cfg.labels.attributes}
+    return ("id", *sorted(sources | {cfg.labels.rule_field, cfg.labels.ground_truth_field}))
 
 
 def iter_slice(
@@ -57,13 +60,14 @@ def iter_slice(
         search_after = hits[-1]["sort"]
 
 
-def product_query(limit_categories: Optional[Sequence[str]] = None) -> dict:
-    """Products in a category subset: a rule label or a previous prediction at or below one of the
-    categories. The ground truth is never used to choose what the pipeline sees."""
+def product_query(rule_field: str, limit_categories: Optional[Sequence[str]] = None) -> dict:
+    """Products in a category subset: a rule label (document field ``rule_field``) or a previous
+    prediction at or below one of the categories. The ground truth is never used to choose what the
+    pipeline sees."""
     if not limit_categories:
         return {"match_all": {}}
     should = []
-    for field in ("rule_categories", "predicted_categories.id"):
+    for field in (rule_field, "predicted_categories.id"):
         for c in limit_categories:
             should += [{"term": {field: c}}, {"prefix": {field: f"{c} > "}}]
     return {"bool": {"should": should, "minimum_should_match": 1}}
@@ -74,12 +78,14 @@ def dump_products(
     products_index: str,
     categories_index: str,
     out_dir: str,
+    fields: Sequence[str],
     slices: int = 2,
     page_size: int = 1000,
     limit: Optional[int] = None,
     query: Optional[dict] = None,
 ) -> dict:
-    """Writes ``products-SSSSS.jsonl.gz`` per slice and ``categories.json``; returns counts.
+    """Writes ``products-SSSSS.jsonl.gz`` per slice (the documents' ``fields``) and
+    ``categories.json``; returns counts.
 
     ``limit`` caps the number of products (taken as evenly as slices allow), for trial runs.
     """
@@ -88,11 +94,12 @@ def dump_products(
     pit = es.open_point_in_time(index=products_index, keep_alive="5m")["id"]
     try:
         with storage.atomic_stage(out_dir) as tmp:
+
             def write_slice(slice_id: int) -> int:
                 path = storage.join(tmp, f"products-{slice_id:05d}-of-{slices:05d}.jsonl.gz")
                 n = 0
                 with storage.open_write(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
-                    for doc in iter_slice(es, pit, slice_id, slices, page_size, query, PRODUCT_FIELDS):
+                    for doc in iter_slice(es, pit, slice_id, slices, page_size, query, fields):
                         if per_slice is not None and n >= per_slice:
                             break
                         out.write(json.dumps(doc, sort_keys=True).encode("utf-8") + b"\n")

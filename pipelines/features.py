@@ -3,6 +3,7 @@
 Cleaning runs inside the TensorFlow graph, so the exported model applies exactly the
 same text cleaning and brand extraction to raw serving inputs as training did.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Tuple
@@ -15,6 +16,9 @@ from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageI
 LABELS = "labels"
 LABEL_MASK = "label_mask"
 HAS_IMAGE = "has_image"
+# the clean rows' column of the rule labels with their ancestors; the documents' field they come from is
+# the config's labels.rule_field. Clean rows are prodcat's own schema, so their readers need no config.
+RULE_CATEGORIES = "rule_categories"
 GENDER_WORDS = r"(men|women|boys|girls|unisex|kids|man|woman)"
 
 

@@ -1,4 +1,5 @@
 """A loopback HTTP server for a folder of product images (local runs stand in for a CDN)."""
+
 from __future__ import annotations
 
 import functools

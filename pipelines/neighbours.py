@@ -6,6 +6,7 @@ exact (numpy matrix products) below ``brute_force_below`` products, ScaNN partit
 quantised + reordered above it, queries in chunks. Products without a usable embedding get no
 neighbours and are never anyone's neighbour.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import storage
 from pipelines.config import Neighbours
+from pipelines.features import RULE_CATEGORIES
 from pipelines.preprocess import beam_counters
 from pipelines.taxonomy import CategoryTree
 
@@ -125,7 +127,7 @@ def group_of(prediction: Optional[dict], row: dict, tree: CategoryTree, settings
         entries = sorted(prediction["categories"], key=lambda e: -e["score"])
         candidates = [e["id"] for e in entries if e["level"] == level] + tree.at_level(prediction.get("path", []), level)
     if not candidates and settings.group_by in ("predicted", "rule"):
-        candidates = tree.at_level(row.get("rule_categories") or [], level)
+        candidates = tree.at_level(row.get(RULE_CATEGORIES) or [], level)
     if not candidates and settings.group_by == "ground_truth":
         truth = row.get(ground_truth_field)
         if truth in tree:
@@ -195,7 +197,7 @@ def compute_neighbours(
     """Runs the neighbours pipeline; writes ``neighbours-*.jsonl.gz`` and per-group searchers."""
     storage.require_complete(preprocess_dir)
     tree = CategoryTree.from_records(storage.read_json(storage.join(preprocess_dir, "categories.json")))
-    columns = ["id", "has_image", "image_embedding", "rule_categories", ground_truth_field]
+    columns = ["id", "has_image", "image_embedding", RULE_CATEGORIES, ground_truth_field]
     with storage.atomic_stage(out_dir) as tmp:
         with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as p:
             rows = (
@@ -219,9 +221,8 @@ def compute_neighbours(
             assigned = (
                 joined
                 | "JoinById" >> beam.CoGroupByKey()
-                | "AssignGroups" >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field)).with_outputs(
-                    AssignGroup.ALONE, main="grouped"
-                )
+                | "AssignGroups"
+                >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field)).with_outputs(AssignGroup.ALONE, main="grouped")
             )
             searched = (
                 assigned.grouped
@@ -234,8 +235,13 @@ def compute_neighbours(
                 | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
                 | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
             )
-        summary = {"counters": beam_counters(p.result, NAMESPACE), "k": settings.k, "group_level": settings.group_level,
-                   "preprocess_dir": preprocess_dir, "predict_dir": predict_dir}
+        summary = {
+            "counters": beam_counters(p.result, NAMESPACE),
+            "k": settings.k,
+            "group_level": settings.group_level,
+            "preprocess_dir": preprocess_dir,
+            "predict_dir": predict_dir,
+        }
         storage.write_json(storage.join(tmp, "summary.json"), summary)
     log.info("neighbours: %s", summary)
     return summary

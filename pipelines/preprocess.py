@@ -8,6 +8,7 @@
 Bad records never stop the run: a rejected record goes to ``dead_letters/`` with its
 reason, a degraded one (no usable image) is kept and flagged. Beam counters report both.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -121,7 +122,7 @@ class ValidateProduct(beam.DoFn):
             if len(row[field]) > self._max_chars:
                 self._truncated.inc()
                 row[field] = row[field][: self._max_chars]
-        image_url = doc.get("image_url")
+        image_url = doc.get(self._cfg.image.source) if self._cfg.image else None
         row["image_url"] = image_url if isinstance(image_url, str) and image_url else ""
         raw_rules = doc.get(self._cfg.labels.rule_field) or []
         if not isinstance(raw_rules, list):
@@ -130,7 +131,7 @@ class ValidateProduct(beam.DoFn):
         if len(rules) != len(raw_rules):
             self._unknown_label.inc(len(raw_rules) - len(rules))
         labels, mask = label_vectors(self._tree, rules)
-        row["rule_categories"] = self._tree.closure(rules)
+        row[features.RULE_CATEGORIES] = self._tree.closure(rules)
         row[features.LABELS] = labels
         row[features.LABEL_MASK] = mask
         split = self._cfg.split
@@ -235,7 +236,7 @@ def clean_parquet_schema(cfg: FeatureConfig, attribute_sources: Sequence[str]) -
     return pa.schema(
         [(f, pa.string()) for f in string_fields]
         + [
-            ("rule_categories", pa.list_(pa.string())),
+            (features.RULE_CATEGORIES, pa.list_(pa.string())),
             ("has_image", pa.int64()),
             ("image_embedding", pa.list_(pa.float32())),
         ]
@@ -290,12 +291,8 @@ def preprocess(
 
     with storage.atomic_stage(out_dir) as tmp:
         with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
-            lines = p | "ReadDump" >> beam.io.ReadFromText(
-                storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder()
-            )
-            validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(
-                DEAD, main="valid"
-            )
+            lines = p | "ReadDump" >> beam.io.ReadFromText(storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder())
+            validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(DEAD, main="valid")
             _ = (
                 validated[DEAD]
                 | "EncodeDeadLetters" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
@@ -307,9 +304,8 @@ def preprocess(
             _ = (
                 rows
                 | "ToCleanRecords" >> beam.Map(to_clean_record, parquet_schema)
-                | "WriteCleanParquet" >> beam.io.WriteToParquet(
-                    storage.join(tmp, "clean", "clean"), parquet_schema, file_name_suffix=".parquet"
-                )
+                | "WriteCleanParquet"
+                >> beam.io.WriteToParquet(storage.join(tmp, "clean", "clean"), parquet_schema, file_name_suffix=".parquet")
             )
             source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
             coder = tft.coders.ExampleProtoCoder(raw_schema)
@@ -324,18 +320,15 @@ def preprocess(
                 for i, name in enumerate(SPLITS)
             }
             adapter = source.TensorAdapterConfig()
-            transform_fn = (batches["train"], adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(
-                features.make_preprocessing_fn(cfg)
-            )
+            transform_fn = (batches["train"], adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(features.make_preprocessing_fn(cfg))
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(tmp, "transform_fn"))
             for name in SPLITS:
                 data, metadata = ((batches[name], adapter), transform_fn) | f"Transform[{name}]" >> tft_beam.TransformDataset()
                 _ = (
                     data
                     | f"EncodeTransformed[{name}]" >> beam.Map(tft.coders.ExampleProtoCoder(metadata.schema).encode)
-                    | f"WriteTransformed[{name}]" >> beam.io.WriteToTFRecord(
-                        storage.join(tmp, "transformed", name), file_name_suffix=".tfrecord.gz"
-                    )
+                    | f"WriteTransformed[{name}]"
+                    >> beam.io.WriteToTFRecord(storage.join(tmp, "transformed", name), file_name_suffix=".tfrecord.gz")
                 )
         counters = beam_counters(p.result, NAMESPACE)
         FileSystems.delete([storage.join(tmp, "tft_tmp")])
@@ -361,4 +354,3 @@ def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None
         with storage.open_read(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
                 yield from batch.to_pylist()
-

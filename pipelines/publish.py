@@ -7,6 +7,7 @@ predictions and neighbours never need joining in memory:
     {"schema_version": 1, "kind": "predictions" | "neighbours", "id": ..., "run_id": ...,
      "model_version": ..., "version": <int, newer wins>, "body": {...}}
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -101,8 +102,7 @@ def _publish_batch(channel, queue: str, batch: List[dict]) -> None:
     batch gives the same guarantee with one round trip per ``len(batch)`` messages."""
     properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json")
     for m in batch:
-        channel.basic_publish(exchange="", routing_key=queue, body=json.dumps(m, sort_keys=True).encode("utf-8"),
-                              properties=properties)
+        channel.basic_publish(exchange="", routing_key=queue, body=json.dumps(m, sort_keys=True).encode("utf-8"), properties=properties)
     channel.tx_commit()
 
 
@@ -155,7 +155,7 @@ def _batched(messages: Iterable[dict], size: int) -> Iterator[List[dict]]:
 _DONE = None
 
 
-def _queued(inbox: "queue_module.Queue") -> Iterator[dict]:
+def _queued(inbox: queue_module.Queue) -> Iterator[dict]:
     while True:
         batch = inbox.get()
         if batch is _DONE:
@@ -183,8 +183,7 @@ def publish_parallel(
         return publish_stream(conn, queue, dead_letter_queue, messages, batch_size)
     inboxes = [queue_module.Queue(maxsize=4) for _ in range(workers)]
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="publish") as pool:
-        futures = [pool.submit(publish_stream, conn, queue, dead_letter_queue, _queued(inbox), batch_size)
-                   for inbox in inboxes]
+        futures = [pool.submit(publish_stream, conn, queue, dead_letter_queue, _queued(inbox), batch_size) for inbox in inboxes]
 
         def hand_over(shard: int, item: Optional[List[dict]]) -> None:
             while True:  # a bounded put that notices a failed worker instead of blocking forever
@@ -194,7 +193,7 @@ def publish_parallel(
                 except queue_module.Full:
                     if futures[shard].done():
                         futures[shard].result()  # raises the worker's error
-                        raise RuntimeError(f"publisher worker {shard} stopped early")
+                        raise RuntimeError(f"publisher worker {shard} stopped early") from None
 
         batches: List[List[dict]] = [[] for _ in range(workers)]
         try:

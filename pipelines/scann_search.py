@@ -5,6 +5,7 @@ built for TF 2.20 and fail beside TF 2.21. Only the numpy API (``scann_ops_pybin
 needed, so the package is registered without running its ``__init__`` and the pybind
 module is imported directly.
 """
+
 from __future__ import annotations
 
 import importlib

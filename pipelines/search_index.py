@@ -1,4 +1,5 @@
 """Elasticsearch: client, index mappings, and seeding a catalogue into it."""
+
 from __future__ import annotations
 
 import dataclasses

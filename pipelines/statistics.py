@@ -2,6 +2,7 @@
 no release for TF 2.21): per-feature missing rate, length and vocabulary size, label counts,
 compared with the previous successful run. Breakage past the configured thresholds fails the
 run with a message naming the feature, or only warns, as configured."""
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ from typing import Dict, List, Optional
 
 from pipelines import storage
 from pipelines.config import CategoricalInput, FeatureConfig, TextInput, Validation
+from pipelines.features import RULE_CATEGORIES
 from pipelines.preprocess import read_clean_rows
 
 log = logging.getLogger(__name__)
@@ -32,19 +34,21 @@ def vocabulary_size(preprocess_dir: str, name: str) -> Optional[int]:
 
 def compute_statistics(cfg: FeatureConfig, preprocess_dir: str) -> Dict:
     """Feature and label statistics of a finished preprocessing stage."""
-    sources = sorted({i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))} | {a.source for a in cfg.labels.attributes})
+    sources = sorted(
+        {i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))} | {a.source for a in cfg.labels.attributes}
+    )
     missing: Counter = Counter()
     chars: Counter = Counter()
     labels: Counter = Counter()
     rows = labelled = no_image = 0
-    for row in read_clean_rows(preprocess_dir, columns=[*sources, "rule_categories", "has_image"]):
+    for row in read_clean_rows(preprocess_dir, columns=[*sources, RULE_CATEGORIES, "has_image"]):
         rows += 1
         for s in sources:
             value = row.get(s) or ""
             missing[s] += not value
             chars[s] += len(value)
-        labelled += bool(row["rule_categories"])
-        labels.update(row["rule_categories"] or [])
+        labelled += bool(row[RULE_CATEGORIES])
+        labels.update(row[RULE_CATEGORIES] or [])
         no_image += not row["has_image"]
     features = {s: {"missing_rate": missing[s] / max(rows, 1), "mean_chars": chars[s] / max(rows, 1)} for s in sources}
     for inp in cfg.inputs:
@@ -72,7 +76,11 @@ def find_anomalies(current: Dict, previous: Optional[Dict], limits: Validation) 
         return out
     for name, stats in current["features"].items():
         before = previous["features"].get(name, {})
-        if "missing_rate" in stats and "missing_rate" in before and stats["missing_rate"] - before["missing_rate"] > limits.max_missing_rate_increase:
+        if (
+            "missing_rate" in stats
+            and "missing_rate" in before
+            and stats["missing_rate"] - before["missing_rate"] > limits.max_missing_rate_increase
+        ):
             out.append(f"{name}: missing rate rose from {before['missing_rate']:.1%} to {stats['missing_rate']:.1%}")
         new, old = stats.get("vocabulary_size"), before.get("vocabulary_size")
         if new and old and abs(new - old) / old > limits.max_vocabulary_change:
@@ -101,8 +109,13 @@ def validate(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, previous: Op
     current = compute_statistics(cfg, preprocess_dir)
     anomalies = find_anomalies(current, previous, cfg.validation)
     failing = bool(anomalies) and cfg.validation.on_anomaly == "fail"
-    result = {**current, "version": version, "anomalies": anomalies, "passed": not failing,
-              "compared_with_version": previous["version"] if previous else None}
+    result = {
+        **current,
+        "version": version,
+        "anomalies": anomalies,
+        "passed": not failing,
+        "compared_with_version": previous["version"] if previous else None,
+    }
     with storage.atomic_stage(out_dir) as tmp:
         storage.write_json(storage.join(tmp, STATISTICS_FILE), result)
         if previous is not None:

@@ -5,6 +5,7 @@ the files moved to the stage folder and a ``_SUCCESS`` marker written last. Read
 check the marker, so a crashed or rerun task never leaves a half-written stage behind.
 Beam's ``FileSystems`` gives one API over local paths and GCS (and S3/HDFS where installed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,7 +108,7 @@ def atomic_stage(stage_dir: str) -> Iterator[str]:
     if is_remote(stage_dir):
         _delete_tree(stage_dir)
         sources = [m.path for m in FileSystems.match([tmp + "/**"])[0].metadata_list]
-        FileSystems.rename(sources, [stage_dir + s[len(tmp):] for s in sources])
+        FileSystems.rename(sources, [stage_dir + s[len(tmp) :] for s in sources])
     else:
         old = f"{stage_dir}.old-{uuid.uuid4().hex[:12]}"
         if os.path.exists(stage_dir):

@@ -4,12 +4,13 @@ Every task reads only its run's folder (and the embedding cache), writes its sta
 atomically, and can be rerun alone: a rerun replaces its stage and re-sends idempotent,
 versioned updates. Airflow and the CLI are thin callers of these functions.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from pipelines import storage
 from pipelines.config import FeatureConfig, load_config
@@ -61,12 +62,21 @@ class RunSettings:
 
 
 def dump(s: RunSettings) -> str:
-    from pipelines.dump import dump_products, product_query
+    from pipelines.dump import dump_products, product_fields, product_query
 
+    cfg = s.config()
     out = s.stage("dump")
     es = s.es.client()
-    dump_products(es, s.products_index, s.categories_index, out, slices=s.dump_slices, limit=s.limit,
-                  query=product_query(s.categories))
+    dump_products(
+        es,
+        s.products_index,
+        s.categories_index,
+        out,
+        product_fields(cfg),
+        slices=s.dump_slices,
+        limit=s.limit,
+        query=product_query(cfg.labels.rule_field, s.categories),
+    )
     return out
 
 
@@ -147,13 +157,23 @@ def report(s: RunSettings) -> str:
     return write_report(s.config(), s.run_dir, s.stage("report"))
 
 
-def _target(s: RunSettings, kind: str, source_dir: str) -> "Target":
+def _target(s: RunSettings, kind: str, source_dir: str) -> Target:
     from pipelines.writeback import Target
 
     p = s.config().publish
-    return Target(es=s.es.client(), rabbit=s.rabbit, index=s.products_index, queue=p.queue, dead_letter_queue=p.dead_letter_queue,
-                  kind=kind, source_dir=source_dir, run_id=s.run_id, version=s.version, publish_workers=p.workers,
-                  publish_batch_size=p.batch_size)
+    return Target(
+        es=s.es.client(),
+        rabbit=s.rabbit,
+        index=s.products_index,
+        queue=p.queue,
+        dead_letter_queue=p.dead_letter_queue,
+        kind=kind,
+        source_dir=source_dir,
+        run_id=s.run_id,
+        version=s.version,
+        publish_workers=p.workers,
+        publish_batch_size=p.batch_size,
+    )
 
 
 def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
@@ -163,13 +183,19 @@ def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
 
     target = _target(s, kind, source_dir)
     messages = update_messages(kind, storage.require_complete(source_dir), s.run_id, s.version)
-    sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers,
-                            target.publish_batch_size)
+    sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers, target.publish_batch_size)
     out = s.stage("publish")
     with storage.atomic_stage(out) as tmp:
-        storage.write_json(storage.join(tmp, "summary.json"), {
-            "kind": kind, "source_dir": source_dir, "sent": sent[kind], "version": s.version, "run_id": s.run_id,
-        })
+        storage.write_json(
+            storage.join(tmp, "summary.json"),
+            {
+                "kind": kind,
+                "source_dir": source_dir,
+                "sent": sent[kind],
+                "version": s.version,
+                "run_id": s.run_id,
+            },
+        )
     return out
 
 
@@ -191,8 +217,9 @@ def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optiona
     summary = storage.read_json(storage.join(storage.require_complete(publish_dir), "summary.json"))
     p = s.config().publish
     state_path = storage.join(s.run_dir, "reconcile", f"{attempt_key}.json")
-    state = (ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path)
-             else ReconcileState(published=summary["sent"]))
+    state = (
+        ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path) else ReconcileState(published=summary["sent"])
+    )
     state = check(_target(s, summary["kind"], summary["source_dir"]), state, p.reconcile_stall_pokes, p.reconcile_attempts)
     storage.write_json(state_path, state.to_json())
     if not state.finished:
@@ -224,3 +251,20 @@ def replay_dead_letters(s: RunSettings, run_id: Optional[str] = None, reason_con
 
     p = s.config().publish
     return replay(s.rabbit, p.queue, p.dead_letter_queue, run_id=run_id, reason_contains=reason_contains, batch_size=p.batch_size)
+
+
+TASKS: Dict[str, Callable[..., Any]] = {
+    "dump": dump,
+    "preprocess": preprocess,
+    "validate_statistics": validate_statistics,
+    "train": train,
+    "evaluate": evaluate,
+    "predict": predict,
+    "publish_predictions": publish_predictions,
+    "neighbours": neighbours,
+    "publish_neighbours": publish_neighbours,
+    "wait_indexed": wait_indexed,
+    "report": report,
+}
+"""The stages by the names the DAGs (:func:`pipelines.airflow_entry.run_task`) and the CLI
+(``prodcat stage NAME``) use; each takes the :class:`RunSettings` and its input folders."""

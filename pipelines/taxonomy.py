@@ -1,4 +1,5 @@
 """The category tree: nodes, ancestors, and the fixed label order the models use."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,11 +86,11 @@ class CategoryTree:
         return [dataclasses.asdict(self.nodes[cid]) for cid in self.ids]
 
     @classmethod
-    def from_records(cls, records: Iterable[Mapping]) -> "CategoryTree":
+    def from_records(cls, records: Iterable[Mapping]) -> CategoryTree:
         return cls(Category(id=r["id"], name=r["name"], parent=r.get("parent"), level=int(r["level"])) for r in records)
 
     @classmethod
-    def from_paths(cls, paths: Iterable[Sequence[str]]) -> "CategoryTree":
+    def from_paths(cls, paths: Iterable[Sequence[str]]) -> CategoryTree:
         """Builds the tree from category paths such as ("Apparel", "Topwear", "Tshirts")."""
         nodes: Dict[str, Category] = {}
         for path in paths:
@@ -105,7 +106,7 @@ class CategoryTree:
             json.dump(self.to_records(), f)
 
     @classmethod
-    def load_json(cls, path: str) -> "CategoryTree":
+    def load_json(cls, path: str) -> CategoryTree:
         with open(path, encoding="utf-8") as f:
             return cls.from_records(json.load(f))
 

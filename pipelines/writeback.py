@@ -8,6 +8,7 @@ outcome: when progress stalls with the queue empty, it compares the run's predic
 with what Elasticsearch holds and re-publishes exactly the updates that are missing, a bounded number
 of times. Updates are versioned, so a re-published or replayed update never overwrites a newer one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,11 +99,15 @@ def settled_ids(target: Target) -> Set[str]:
     """Products holding this run's update of ``kind`` (or a newer run's) or whose update of this run
     was dead-lettered."""
     has_dead_letters = _refreshed(target)
-    ids = {hit["_id"] for hit in helpers.scan(target.es, index=target.index, size=5000,
-                                               query={"query": _written_query(target), "_source": False})}
+    ids = {
+        hit["_id"]
+        for hit in helpers.scan(target.es, index=target.index, size=5000, query={"query": _written_query(target), "_source": False})
+    }
     if has_dead_letters:
-        ids |= {hit["_source"]["id"] for hit in helpers.scan(target.es, index=DEAD_LETTER_INDEX,
-                                                             query={"query": _dead_letter_query(target), "_source": ["id"]})}
+        ids |= {
+            hit["_source"]["id"]
+            for hit in helpers.scan(target.es, index=DEAD_LETTER_INDEX, query={"query": _dead_letter_query(target), "_source": ["id"]})
+        }
     return ids
 
 
@@ -124,8 +129,9 @@ def ready_messages(rabbit: RabbitConnection, queue: str) -> int:
 def republish(target: Target, ids: Set[str]) -> int:
     """Publishes again exactly the run's updates of ``ids``; returns how many were sent."""
     messages = (m for m in update_messages(target.kind, target.source_dir, target.run_id, target.version) if m["id"] in ids)
-    sent = publish_parallel(target.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers,
-                            target.publish_batch_size)
+    sent = publish_parallel(
+        target.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers, target.publish_batch_size
+    )
     return sum(sent.values())
 
 
@@ -144,7 +150,7 @@ class ReconcileState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, value: dict) -> "ReconcileState":
+    def from_json(cls, value: dict) -> ReconcileState:
         return cls(**value)
 
 
@@ -167,8 +173,14 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
     waiting = ready_messages(target.rabbit, target.queue)
     if state.unchanged_checks < stall_checks or waiting:
         if waiting and state.unchanged_checks >= stall_checks:
-            log.warning("%s: no progress at %d of %d while %d messages wait in %s: is the consumer running?",
-                        target.kind, done, state.published, waiting, target.queue)
+            log.warning(
+                "%s: no progress at %d of %d while %d messages wait in %s: is the consumer running?",
+                target.kind,
+                done,
+                state.published,
+                waiting,
+                target.queue,
+            )
         return state
     missing = missing_ids(target)
     if len(state.attempts) >= max_attempts:
@@ -176,8 +188,14 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
     sent = republish(target, missing)
     state.attempts.append({"attempt": len(state.attempts) + 1, "missing": len(missing), "republished": sent})
     state.unchanged_checks = 0
-    log.warning("%s: progress stalled at %d of %d with the queue empty; re-published %d missing updates (attempt %d)",
-                target.kind, done, state.published, sent, len(state.attempts))
+    log.warning(
+        "%s: progress stalled at %d of %d with the queue empty; re-published %d missing updates (attempt %d)",
+        target.kind,
+        done,
+        state.published,
+        sent,
+        len(state.attempts),
+    )
     return state
 
 

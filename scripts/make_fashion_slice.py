@@ -2,6 +2,7 @@
 
 Usage: python scripts/make_fashion_slice.py ../shared/data/fashion data/fashion_slice
 """
+
 import csv
 import hashlib
 import shutil

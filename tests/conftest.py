@@ -3,6 +3,7 @@
 Tests get their own Elasticsearch stand-in (port 9250, own data folder) and their own
 RabbitMQ virtual host, both started here when missing.
 """
+
 from __future__ import annotations
 
 import socket
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 ES_PORT = 9250
 VHOST = "prodcat-test"
 AIRFLOW_HOME = REPO / ".prodcat" / "test-airflow"
+TIERS = ("unit", "service", "e2e")  # the markers of pyproject.toml; each test module carries one
 
 
 def pytest_configure(config):
@@ -29,6 +31,13 @@ def pytest_configure(config):
     os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
     os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+
+def pytest_collection_modifyitems(items):
+    """Refuses a test with no tier marker, so that ``-m unit`` cannot silently leave one out."""
+    unmarked = sorted({item.nodeid.split("::")[0] for item in items if not any(item.get_closest_marker(t) for t in TIERS)})
+    if unmarked:
+        raise pytest.UsageError(f"tests without one of the markers {list(TIERS)} (pytestmark = pytest.mark.unit ...): {unmarked}")
 
 
 def _port_open(port: int) -> bool:
@@ -51,16 +60,24 @@ def start_elasticsearch(port: int = ES_PORT) -> str:
         noida = Path(sys.executable).parent / "noida-db"
         data = REPO / ".prodcat" / f"test-noida-{port}"
         data.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(noida), "up", "--data-dir", str(data), "--only", "elasticsearch", "--elasticsearch-port", str(port)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(noida), "up", "--data-dir", str(data), "--only", "elasticsearch", "--elasticsearch-port", str(port)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait(lambda: _port_open(port), "Elasticsearch stand-in", 60)
     return f"http://127.0.0.1:{port}"
 
 
 def stop_elasticsearch(port: int = ES_PORT) -> None:
     noida = Path(sys.executable).parent / "noida-db"
-    subprocess.run([str(noida), "down", "--data-dir", str(REPO / ".prodcat" / f"test-noida-{port}")],
-                   check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(noida), "down", "--data-dir", str(REPO / ".prodcat" / f"test-noida-{port}")],
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_rabbitmq() -> None:
@@ -117,4 +134,3 @@ def artifacts_dir() -> Path:
     out = REPO / "test-artifacts"
     out.mkdir(exist_ok=True)
     return out
-

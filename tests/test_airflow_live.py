@@ -1,6 +1,7 @@
 """Airflow as users run it: `airflow standalone` (API server, scheduler, DAG processor, triggerer)
 with the real local services; DAG runs triggered through the REST API and the UI, a middle task
 cleared and rerun, invalid params refused."""
+
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from pipelines.search_index import EsConnection
 from trainer.predict import read_predictions
 
 from conftest import REPO
+
+pytestmark = pytest.mark.e2e
 
 DAG_ID = "prodcat_categorise"
 UPDATE_FIELDS = ("predicted_categories", "predicted_attributes", "model_version", "prediction_version", "prodcat_run_id")
@@ -85,22 +88,38 @@ def airflow(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
     consumer = subprocess.Popen(common + ["consume"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = free_port()
     env = airflow_env(work / "airflow", str(work / "data"), es_url, "127.0.0.1", 5672)
-    env.update({
-        "AIRFLOW_CONN_PRODCAT_RABBITMQ": json.dumps({"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest",
-                                                     "password": "guest", "schema": rabbit_vhost.virtual_host}),
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        # manual runs only: the weekly schedule would otherwise start a run of its own on unpausing
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
-    })
+    env.update(
+        {
+            "AIRFLOW_CONN_PRODCAT_RABBITMQ": json.dumps(
+                {
+                    "conn_type": "generic",
+                    "host": "127.0.0.1",
+                    "port": 5672,
+                    "login": "guest",
+                    "password": "guest",
+                    "schema": rabbit_vhost.virtual_host,
+                }
+            ),
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # manual runs only: the weekly schedule would otherwise start a run of its own on unpausing
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        }
+    )
     log = work / "standalone.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, cwd=work,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "standalone"],
+            env=env,
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     client = Airflow(f"http://127.0.0.1:{port}", work / "data", log)
     try:
         deadline = time.monotonic() + 300
@@ -124,8 +143,10 @@ def airflow(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
 def snapshot(es, run_folder: Path) -> dict:
     """What a run leaves behind: its predictions and evaluation, and the updates in Elasticsearch."""
     es.indices.refresh(index="products")
-    docs = {h["_id"]: {f: h["_source"].get(f) for f in UPDATE_FIELDS}
-            for h in helpers.scan(es, index="products", query={"query": {"match_all": {}}})}
+    docs = {
+        h["_id"]: {f: h["_source"].get(f) for f in UPDATE_FIELDS}
+        for h in helpers.scan(es, index="products", query={"query": {"match_all": {}}})
+    }
     metrics = json.loads((run_folder / "evaluation" / "metrics.json").read_text())
     return {
         "predictions": sorted(read_predictions(str(run_folder / "predict")), key=lambda p: p["id"]),
@@ -148,10 +169,20 @@ def test_rest_trigger_then_clearing_training_reruns_it_and_downstream_to_the_sam
     events = airflow.api("GET", "/assets/events", params={"source_dag_id": DAG_ID}).json()["asset_events"]
     assert [e["extra"]["predict_dir"] for e in events] == [str(run_folder / "predict")]
 
-    cleared = airflow.api("POST", f"/dags/{DAG_ID}/clearTaskInstances", json={
-        "dry_run": False, "dag_run_id": run_id, "task_ids": ["train"], "include_downstream": True, "only_failed": False})
+    cleared = airflow.api(
+        "POST",
+        f"/dags/{DAG_ID}/clearTaskInstances",
+        json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["train"], "include_downstream": True, "only_failed": False},
+    )
     assert cleared.status_code == 200, cleared.text
-    assert sorted(ti["task_id"] for ti in cleared.json()["task_instances"]) == ["evaluate", "predict", "publish", "report", "train", "wait_indexed"]
+    assert sorted(ti["task_id"] for ti in cleared.json()["task_instances"]) == [
+        "evaluate",
+        "predict",
+        "publish",
+        "report",
+        "train",
+        "wait_indexed",
+    ]
     deadline = time.monotonic() + 60
     while airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"] == "success" and time.monotonic() < deadline:
         time.sleep(1)
@@ -162,8 +193,9 @@ def test_rest_trigger_then_clearing_training_reruns_it_and_downstream_to_the_sam
     assert sorted(p.name for p in (airflow.data_root / "runs" / DAG_ID).iterdir()) == [run_folder.name]
 
 
-@pytest.mark.parametrize("conf, named", [({"model_type": "xgboost"}, "model_type"), ({"limit": -5}, "limit"),
-                                         ({"categories": "Apparel"}, "categories")])
+@pytest.mark.parametrize(
+    "conf, named", [({"model_type": "xgboost"}, "model_type"), ({"limit": -5}, "limit"), ({"categories": "Apparel"}, "categories")]
+)
 def test_invalid_params_are_refused_before_any_run_exists(airflow, conf, named):
     before = len(airflow.runs())
     response = airflow.trigger(conf)

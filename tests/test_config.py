@@ -1,11 +1,19 @@
+import ast
 import copy
+import dataclasses
+import functools
+import typing
 
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, FeatureConfig, ImageInput, TextInput, load_config, parse_config
+from pipelines.config import ConfigError, FeatureConfig, ImageInput, Input, TextInput, load_config, parse_config
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+INPUT_CLASSES = {record.kind: record for record in typing.get_args(Input)}
 
 
 @pytest.fixture
@@ -22,6 +30,7 @@ def test_repo_config_loads_into_frozen_typed_records():
     assert (cfg.inputs[0].tokens, cfg.inputs[0].ngram_range) == ("words", (1, 2))
     assert (cfg.inputs[1].tokens, cfg.inputs[1].ngram_range) == ("char_ngrams", (3, 4))
     assert cfg.model.hidden_units == (256, 128)
+    assert cfg.image.runtime == "onnxruntime"
     with pytest.raises(AttributeError):
         cfg.model.type = "linear"
 
@@ -41,12 +50,17 @@ def test_unknown_top_level_section_rejected(raw):
 @pytest.mark.parametrize(
     "mutate, message",
     [
+        (lambda r: r.update(version=2), r"version: must be one of \[1\]"),
         (lambda r: r["model"].update(type="xgboost"), "model.type: must be one of"),
         (lambda r: r["inputs"][0].update(kind="audio"), r"inputs\[0\].kind: must be one of"),
         (lambda r: r["inputs"][0].update(vocab_size="many"), r"inputs\[0\].vocab_size: expected a number"),
         (lambda r: r["labels"]["attributes"][0].update(source="gender"), "both input and label"),
         (lambda r: r["labels"]["attributes"][0].update(name="title"), "names used twice"),
         (lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(encoder="vgg"), "encoder: must be one of"),
+        (
+            lambda r: next(i for i in r["inputs"] if i["kind"] == "image").update(runtime="bfloat16"),
+            r"inputs.image.runtime: must be one of \['onnxruntime', 'torch'\]",
+        ),
         (lambda r: r["inputs"][0].update(tokens="sentencepiece"), "tokens: must be one of"),
         (lambda r: r["inputs"][0].update(ngram_range=[3, 2]), "ngram_range: must be"),
         (lambda r: r["inputs"][0].update(ngram_range=[1]), "ngram_range: must be"),
@@ -81,3 +95,66 @@ def test_replace_model_validates(raw):
     assert cfg.replace_model(type="linear").model.type == "linear"
     with pytest.raises(ConfigError, match="epochs: expected a number"):
         cfg.replace_model(epochs="x")
+
+
+@functools.cache
+def accessed_attribute_names() -> frozenset:
+    """Every ``.name`` attribute access in the code outside the loader (pipelines/, trainer/, dags/)."""
+    names = set()
+    for folder in ("pipelines", "trainer", "dags"):
+        for path in (REPO / folder).rglob("*.py"):
+            if path != REPO / "pipelines" / "config.py":
+                names |= {n.attr for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Attribute)}
+    return frozenset(names)
+
+
+def key_paths(raw, cls, prefix=""):
+    """``(key path, the dataclass field it fills)`` for every key of the parsed YAML."""
+    for key, value in raw.items():
+        record = INPUT_CLASSES[raw["kind"]] if cls is None else cls
+        path = f"{prefix}.{key}" if prefix else key
+        yield path, key
+        hint = typing.get_type_hints(record)[key]
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
+        if key == "inputs":
+            for i, item in enumerate(value):
+                yield from key_paths(item, None, f"{path}[{i}]")
+        elif dataclasses.is_dataclass(inner) and isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from key_paths(item, inner, f"{path}[{i}]")
+        elif dataclasses.is_dataclass(inner):
+            yield from key_paths(value, inner, path)
+
+
+def test_every_key_of_the_config_file_is_accessed_as_an_attribute_outside_the_loader(raw):
+    """A key no code reads is a promise the code does not keep. This checks a necessary condition:
+    some module outside pipelines/config.py accesses an attribute of the key's name (a generic name
+    such as ``name`` passes on any access of that name)."""
+    accessed = accessed_attribute_names()
+    unread = [path for path, key in key_paths(raw, FeatureConfig) if key not in accessed]
+    assert unread == []
+
+
+def test_every_config_record_field_is_accessed_as_an_attribute_outside_the_loader():
+    """The same for the fields the file leaves at their defaults, in every record type."""
+    records = [FeatureConfig, *INPUT_CLASSES.values()]
+    seen, unread = set(), []
+    while records:
+        record = records.pop()
+        if record in seen:
+            continue
+        seen.add(record)
+        for field in dataclasses.fields(record):
+            hint = typing.get_type_hints(record)[field.name]
+            records += [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+            if field.name not in accessed_attribute_names():
+                unread.append(f"{record.__name__}.{field.name}")
+    assert unread == []
+
+
+def test_image_runtime_torch_is_the_float32_reference_and_defaults_to_onnxruntime(raw):
+    image = next(i for i in raw["inputs"] if i["kind"] == "image")
+    image["runtime"] = "torch"
+    assert parse_config(raw).image.runtime == "torch"
+    del image["runtime"]
+    assert parse_config(raw).image.runtime == "onnxruntime"

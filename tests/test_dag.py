@@ -1,11 +1,17 @@
-"""DAG integrity: imports cleanly, no heavy imports at parse time, the task graph, schedule, params."""
+"""DAG integrity: imports cleanly, no heavy imports at parse time, the task graph, schedule, params,
+every task name resolves, timeouts agree."""
+
+import ast
 import copy
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "pipelines.scann_search", "elasticsearch", "pika")
 
@@ -30,12 +36,8 @@ def dag(bag):
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)
 def test_dag_file_imports_nothing_heavy_at_parse_time(dag_id):
-    code = (
-        "import runpy, sys; runpy.run_path(sys.argv[1]);"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / f"{dag_id}.py")],
-                         capture_output=True, text=True, check=True)
+    code = f"import runpy, sys; runpy.run_path(sys.argv[1]);print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / f"{dag_id}.py")], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
@@ -57,7 +59,11 @@ def test_task_graph(dag):
 def test_visual_neighbours_dag_runs_on_new_predictions(bag):
     similar = bag.dags["prodcat_visual_neighbours"]
     assert {t.task_id: sorted(t.upstream_task_ids) for t in similar.tasks} == {
-        "neighbours": [], "publish": ["neighbours"], "wait_indexed": ["publish"], "report": ["wait_indexed"]}
+        "neighbours": [],
+        "publish": ["neighbours"],
+        "wait_indexed": ["publish"],
+        "report": ["wait_indexed"],
+    }
     (predict_outlet,) = bag.dags["prodcat_categorise"].get_task("predict").outlets
     assert [a.uri for a in similar.timetable.asset_condition.objects] == [predict_outlet.uri]
 
@@ -82,6 +88,56 @@ def test_wait_indexed_is_a_rescheduling_sensor_with_the_configured_limits(bag, d
     sensor = bag.dags[dag_id].get_task("wait_indexed")
     assert sensor.mode == "reschedule"
     assert (sensor.poke_interval, sensor.timeout) == (publish.reconcile_poke_s, publish.reconcile_timeout_s)
+    # a poke may not outlive the wait it belongs to, nor the wait its DAG's stages
+    assert sensor.execution_timeout == timedelta(seconds=sensor.timeout)
+    stages = [t for t in bag.dags[dag_id].tasks if t.task_id != "wait_indexed"]
+    assert all(sensor.execution_timeout <= t.execution_timeout for t in stages)
+
+
+def test_the_stage_dags_share_run_params_and_retry_policy(bag):
+    categorise, neighbours = bag.dags["prodcat_categorise"], bag.dags["prodcat_visual_neighbours"]
+    for name in ("beam_runner", "beam_options", "data_root"):
+        assert categorise.params.get_param(name).dump() == neighbours.params.get_param(name).dump()
+    assert {(t.retries, t.retry_delay, t.retry_exponential_backoff) for t in categorise.tasks + neighbours.tasks} == {
+        (2, timedelta(minutes=1), True)
+    }
+
+
+def entry_point_calls(dag_file):
+    """``(airflow_entry function, task name or None)`` of each call a DAG file's tasks make."""
+    tree = ast.parse(dag_file.read_text(encoding="utf-8"))
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "pipelines.airflow_entry"
+        for alias in node.names
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in imported:
+            first = node.args[0] if node.args else None
+            yield node.func.id, first.value if node.func.id == "run_task" and isinstance(first, ast.Constant) else None
+
+
+def test_every_task_name_the_dags_and_the_cli_use_is_registered():
+    from pipelines import airflow_entry, cli, tasks
+
+    calls = [call for path in sorted((REPO / "dags").glob("*.py")) for call in entry_point_calls(path)]
+    assert {function for function, _ in calls} == {"run_task", "poke_indexed", "run_replay", "run_neighbours"}
+    assert all(callable(getattr(airflow_entry, function)) for function, _ in calls)
+    names = {name for function, name in calls if function == "run_task"}
+    assert names == {
+        "dump",
+        "preprocess",
+        "validate_statistics",
+        "train",
+        "evaluate",
+        "predict",
+        "publish_predictions",
+        "publish_neighbours",
+        "report",
+    }
+    assert names <= set(tasks.TASKS) and set(cli.STAGES) == set(tasks.TASKS)
+    assert all(callable(f) for f in tasks.TASKS.values())
 
 
 def test_default_params_validate(dag):
@@ -89,8 +145,17 @@ def test_default_params_validate(dag):
     assert validated["model_type"] == "wide_deep" and validated["limit"] is None
 
 
-@pytest.mark.parametrize("name, value", [("model_type", "xgboost"), ("limit", -5), ("limit", 0), ("force_publish", "yes"),
-                                         ("beam_runner", "LocalRunner"), ("categories", "Apparel")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("model_type", "xgboost"),
+        ("limit", -5),
+        ("limit", 0),
+        ("force_publish", "yes"),
+        ("beam_runner", "LocalRunner"),
+        ("categories", "Apparel"),
+    ],
+)
 def test_invalid_params_are_refused(dag, name, value):
     from airflow.sdk.exceptions import ParamValidationError
 

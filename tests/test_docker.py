@@ -1,10 +1,9 @@
 """docker/: the compose file against the Compose specification's JSON schema, the services the
-DAGs need (each with a healthcheck), and the image's package set being the tested one."""
+DAGs need (each with a healthcheck), and the image installed from the lock the tests' venv is
+installed from. Offline: nothing is downloaded or built."""
+
 import json
 import re
-import subprocess
-import sys
-import zipfile
 
 import jsonschema
 import pytest
@@ -12,21 +11,25 @@ import yaml
 
 from conftest import REPO
 
-NEEDED = {"elasticsearch", "rabbitmq", "postgres", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-          "airflow-triggerer", "prodcat-consumer"}
+pytestmark = pytest.mark.unit
+
+NEEDED = {
+    "elasticsearch",
+    "rabbitmq",
+    "postgres",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "prodcat-consumer",
+}
 
 
 @pytest.fixture(scope="module")
 def compose_schema():
-    """The Compose spec schema as shipped in docker-compose's last Python release (from PyPI)."""
-    cache = REPO / ".prodcat" / "compose-spec"
-    wheels = list(cache.glob("docker_compose-1.29.2-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "docker-compose==1.29.2", "-d", str(cache)],
-                       check=True)
-        wheels = list(cache.glob("docker_compose-1.29.2-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        return json.loads(wheel.read("compose/config/compose_spec.json"))
+    """The Compose spec schema, ``compose/config/compose_spec.json`` of docker-compose 1.29.2 (its last
+    Python release, Apache-2.0), kept in tests/data."""
+    return json.loads((REPO / "tests" / "data" / "compose_spec.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +61,25 @@ def canonical(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_image_installs_the_pinned_set_the_tests_run_on():
+def pins(path):
+    """``{canonical name: version}`` of a lock file's ``name==version`` lines."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=<>~ ]+", line) for line in lines)
+    return {canonical(line.split("==")[0]): line.split("==")[1] for line in lines}
+
+
+def requirement_names(path):
+    names = [re.split(r"[=\[<>~ ;]", line.strip(), maxsplit=1)[0] for line in path.read_text().splitlines()]
+    return {canonical(n) for n in names if n and not n.startswith(("#", "-"))}
+
+
+def test_image_and_test_venv_are_installed_under_the_same_lock_which_pins_every_requirement():
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert re.search(r"pip install .*-r requirements\.txt -c requirements\.lock", dockerfile)
     assert "COPY requirements.txt requirements-dev.txt requirements.lock" in dockerfile
-    lock = {canonical(line.split("==")[0]): line.split("==")[1] for line in (REPO / "requirements.lock").read_text().split()}
-    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True).stdout
-    installed = {canonical(line.split("==")[0]): line.split("==")[1] for line in frozen.split() if "==" in line}
-    assert installed == lock
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        name = canonical(re.split(r"[=\[<> ]", line.strip(), maxsplit=1)[0])
-        if name and not name.startswith("#"):
-            assert name in lock, name
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert re.search(r'pip" install .*-r "\$ROOT/requirements-dev\.txt" -c "\$ROOT/requirements\.lock"', setup)
+    assert "-r requirements.txt" in (REPO / "requirements-dev.txt").read_text()
+    lock = pins(REPO / "requirements.lock")
+    missing = (requirement_names(REPO / "requirements.txt") | requirement_names(REPO / "requirements-dev.txt")) - set(lock)
+    assert missing == set()

@@ -1,4 +1,5 @@
 """The dump: point-in-time + search_after slices into a run folder, local or on GCS (emulator)."""
+
 import os
 import socket
 import subprocess
@@ -9,19 +10,30 @@ from pathlib import Path
 import pytest
 
 from pipelines import storage
-from pipelines.dump import dump_products, product_query
+from pipelines.config import load_config
+from pipelines.dump import dump_products, product_fields, product_query
 from pipelines.search_index import seed_catalogue
 from pipelines.taxonomy import CategoryTree
 
 from conftest import REPO
 
+pytestmark = pytest.mark.service
+
 TOPS = "Apparel > Topwear > Tshirts"
 SHOES = "Footwear > Shoes > Casual Shoes"
+CFG = load_config(REPO / "feature_config.yaml")
+FIELDS = product_fields(CFG)
 
 
 def product(i: int) -> dict:
-    doc = {"id": f"p{i:05d}", "title": f"product {i}", "gender": "Men", "image_url": f"file:///nowhere/{i}.jpg",
-           "true_category": TOPS if i % 2 else SHOES, "rule_categories": []}
+    doc = {
+        "id": f"p{i:05d}",
+        "title": f"product {i}",
+        "gender": "Men",
+        "image_url": f"file:///nowhere/{i}.jpg",
+        "true_category": TOPS if i % 2 else SHOES,
+        "rule_categories": [],
+    }
     if i % 3 == 0:
         doc["rule_categories"] = [TOPS]
     if i % 5 == 0:
@@ -45,7 +57,7 @@ def dumped_ids(stage_dir: str) -> list:
 def test_every_product_exactly_once_across_slices_and_pages(es, seeded, tmp_path):
     products, categories, tree = seeded
     out = str(tmp_path / "run" / "dump")
-    summary = dump_products(es, products, categories, out, slices=3, page_size=100)
+    summary = dump_products(es, products, categories, out, FIELDS, slices=3, page_size=100)
     ids = dumped_ids(out)
     assert summary["products"] == 1050 and sorted(ids) == sorted(product(i)["id"] for i in range(1050))
     assert len(storage.list_files(out, "products-*.jsonl.gz")) == 3
@@ -55,8 +67,8 @@ def test_every_product_exactly_once_across_slices_and_pages(es, seeded, tmp_path
 def test_rerun_replaces_the_stage_and_a_limit_caps_it(es, seeded, tmp_path):
     products, categories, _ = seeded
     out = str(tmp_path / "dump")
-    dump_products(es, products, categories, out, slices=2, page_size=100)
-    dump_products(es, products, categories, out, slices=2, page_size=100, limit=100)
+    dump_products(es, products, categories, out, FIELDS, slices=2, page_size=100)
+    dump_products(es, products, categories, out, FIELDS, slices=2, page_size=100, limit=100)
     assert len(dumped_ids(out)) == 100
     assert sorted(os.listdir(tmp_path)) == ["dump"]  # no temporary folder left behind
 
@@ -64,9 +76,11 @@ def test_rerun_replaces_the_stage_and_a_limit_caps_it(es, seeded, tmp_path):
 def test_category_subset_follows_rule_and_predicted_labels_never_the_ground_truth(es, seeded, tmp_path):
     products, categories, _ = seeded
     out = str(tmp_path / "dump")
-    dump_products(es, products, categories, out, page_size=100, query=product_query(["Apparel"]))
+    dump_products(es, products, categories, out, FIELDS, page_size=100, query=product_query(CFG.labels.rule_field, ["Apparel"]))
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050) if i % 3 == 0)
-    dump_products(es, products, categories, out, page_size=100, query=product_query(["Footwear", "Apparel > Topwear"]))
+    dump_products(
+        es, products, categories, out, FIELDS, page_size=100, query=product_query(CFG.labels.rule_field, ["Footwear", "Apparel > Topwear"])
+    )
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050) if i % 3 == 0 or i % 5 == 0)
 
 
@@ -79,8 +93,11 @@ def gcs_bucket(monkeypatch, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 30
     while True:
@@ -101,8 +118,8 @@ def test_dump_into_a_gcs_run_folder(es, seeded, gcs_bucket):
     products, categories, _ = seeded
     out = storage.join(storage.run_dir(gcs_bucket, "prodcat_categorise", "scheduled__2026-11-22T00:00:00+00:00"), "dump")
     assert out == "gs://prodcat-runs/runs/prodcat_categorise/scheduled__2026-11-22T00_00_00_00_00/dump"
-    dump_products(es, products, categories, out, slices=2, page_size=200)
-    dump_products(es, products, categories, out, slices=2, page_size=200)  # a rerun replaces it
+    dump_products(es, products, categories, out, FIELDS, slices=2, page_size=200)
+    dump_products(es, products, categories, out, FIELDS, slices=2, page_size=200)  # a rerun replaces it
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050))
     assert storage.read_json(storage.join(out, "summary.json"))["products"] == 1050
     leftovers = [m.path for m in storage.FileSystems.match([f"{gcs_bucket}/runs/**"])[0].metadata_list if "/dump/" not in m.path]

@@ -1,5 +1,6 @@
 """End to end: seed the in-repo slice, run the whole DAG (``airflow dags test``) with a consumer
 against the real local services, then check Elasticsearch document by document."""
+
 import contextlib
 import io
 import json
@@ -16,6 +17,8 @@ from pipelines.neighbours import read_neighbours
 from pipelines.search_index import EsConnection
 
 from conftest import REPO
+
+pytestmark = pytest.mark.e2e
 
 
 def all_docs(es, index):
@@ -34,15 +37,31 @@ def dag_run(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
     try:
         env = airflow_env(work / "airflow", str(work / "data"), es_url, "127.0.0.1", 5672)
         env["AIRFLOW_CONN_PRODCAT_RABBITMQ"] = json.dumps(
-            {"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest", "password": "guest", "schema": rabbit_vhost.virtual_host})
+            {
+                "conn_type": "generic",
+                "host": "127.0.0.1",
+                "port": 5672,
+                "login": "guest",
+                "password": "guest",
+                "schema": rabbit_vhost.virtual_host,
+            }
+        )
         # as the demo runs them: Airflow's output into a log file, one line per task printed
         with open(work / "airflow.log", "w") as log, contextlib.redirect_stdout(io.StringIO()) as printed:
             run_dir, neighbours_run_dir = run_dags(env, str(work / "data"), {"model_type": "ffn"}, "2026-11-22T00:00:00+00:00", log)
     finally:
         consumer.terminate()
         consumer.wait(timeout=120)
-    return {"es": es, "before": before, "after": all_docs(es, "products"), "run_dir": run_dir, "neighbours_run_dir": neighbours_run_dir,
-            "env": env, "printed": printed.getvalue().splitlines(), "log": work / "airflow.log"}
+    return {
+        "es": es,
+        "before": before,
+        "after": all_docs(es, "products"),
+        "run_dir": run_dir,
+        "neighbours_run_dir": neighbours_run_dir,
+        "env": env,
+        "printed": printed.getvalue().splitlines(),
+        "log": work / "airflow.log",
+    }
 
 
 def test_every_product_has_predictions_with_ancestors_and_scores(dag_run):
@@ -81,8 +100,16 @@ def test_visual_neighbours_come_from_the_products_own_second_level_category(dag_
 
 
 def test_nothing_else_on_the_document_was_lost(dag_run):
-    added = {"predicted_categories", "predicted_attributes", "model_version", "prediction_version", "prodcat_run_id",
-             "visual_neighbours", "neighbours_version", "neighbours_run_id"}
+    added = {
+        "predicted_categories",
+        "predicted_attributes",
+        "model_version",
+        "prediction_version",
+        "prodcat_run_id",
+        "visual_neighbours",
+        "neighbours_version",
+        "neighbours_run_id",
+    }
     for pid, before in dag_run["before"].items():
         after = dag_run["after"][pid]
         assert {k: v for k, v in after.items() if k not in added} == before
@@ -109,8 +136,7 @@ def test_exported_model_serves_raw_inputs_without_the_transform_folder(dag_run, 
         "raw = np.load(sys.argv[2], allow_pickle=True).item();"
         "np.save(sys.argv[3], ServingModel.load(sys.argv[1]).predict(raw)['category_scores'])"
     )
-    subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / "raw.npy"), str(tmp_path / "out.npy")],
-                   check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / "raw.npy"), str(tmp_path / "out.npy")], check=True, cwd=REPO)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -169,8 +195,21 @@ def test_report_written_for_both_runs_and_the_airflow_ui_link_resolves_to_it(dag
 def test_quiet_run_prints_one_line_per_task_and_logs_the_rest(dag_run):
     printed = dag_run["printed"]
     tasks = [line.split()[0] for line in printed if line.startswith("  ")]
-    assert tasks == ["dump", "preprocess", "validate_statistics", "train", "evaluate", "predict", "publish", "wait_indexed", "report",
-                     "neighbours", "publish", "wait_indexed", "report"]
+    assert tasks == [
+        "dump",
+        "preprocess",
+        "validate_statistics",
+        "train",
+        "evaluate",
+        "predict",
+        "publish",
+        "wait_indexed",
+        "report",
+        "neighbours",
+        "publish",
+        "wait_indexed",
+        "report",
+    ]
     assert len(printed) == len(tasks) + 2 and all(line.endswith(" s") for line in printed if line.startswith("  "))
     assert next(line for line in printed if line.startswith("  dump")).split()[1:3] == ["400", "products,"]
     assert len(dag_run["log"].read_text().splitlines()) > 100  # Airflow's, TensorFlow's and Beam's output

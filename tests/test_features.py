@@ -1,4 +1,5 @@
 """The preprocessing_fn on a handful of in-memory rows with exact outputs (TFT example-test style)."""
+
 import tempfile
 
 import numpy as np
@@ -10,6 +11,8 @@ from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 from pipelines import features
 from pipelines.config import parse_config
 
+pytestmark = pytest.mark.unit
+
 CONFIG = {
     "inputs": [
         {"name": "title", "kind": "text", "source": "title", "vocab_size": 3, "oov_buckets": 1},
@@ -17,7 +20,9 @@ CONFIG = {
         {"name": "gender", "kind": "categorical", "source": "gender", "oov_buckets": 1},
     ],
     "labels": {
-        "tree_index": "categories", "levels": 2, "rule_field": "rule_categories", "ground_truth_field": "true_category",
+        "levels": 2,
+        "rule_field": "rule_categories",
+        "ground_truth_field": "true_category",
         "attributes": [{"name": "colour", "source": "base_colour"}],
     },
 }
@@ -32,8 +37,7 @@ def run_transform(rows, cfg, num_categories=2):
 
 
 def row(title, gender, colour, labels=(1.0, 0.0)):
-    return {"title": title, "gender": gender, "base_colour": [colour] if colour else [],
-            "labels": list(labels), "label_mask": [1.0, 1.0]}
+    return {"title": title, "gender": gender, "base_colour": [colour] if colour else [], "labels": list(labels), "label_mask": [1.0, 1.0]}
 
 
 def test_preprocessing_fn_exact_outputs():
@@ -63,7 +67,7 @@ def test_preprocessing_fn_exact_outputs():
     np.testing.assert_allclose(out[0]["labels"], [1.0, 0.0])
 
 
-def test_tfidf_weights_sum_per_document_and_ids_are_in_range():
+def test_tfidf_ids_are_in_range_each_with_a_positive_weight():
     cfg = parse_config(CONFIG)
     out = run_transform([row("red red shirt", "Men", "Red"), row("blue shirt", "Men", "Blue")], cfg)
     for o in out:

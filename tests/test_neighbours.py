@@ -1,4 +1,5 @@
 """Visual neighbours: ScaNN recall against exact search, and the edge cases of a group."""
+
 import dataclasses
 
 import numpy as np
@@ -6,6 +7,8 @@ import pytest
 
 from pipelines.config import Neighbours
 from pipelines.neighbours import exact_search, normalise, search_group
+
+pytestmark = pytest.mark.unit
 
 SETTINGS = Neighbours()
 

@@ -1,4 +1,5 @@
 """Validation DoFn with TestPipeline, and whole preprocessing runs on bad input and reruns."""
+
 import dataclasses
 import glob
 import gzip
@@ -21,6 +22,8 @@ from pipelines.taxonomy import CategoryTree
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 TREE = CategoryTree.from_paths([("Apparel", "Topwear", "Tshirts"), ("Apparel", "Topwear", "Shirts"), ("Footwear", "Shoes", "Heels")])
 
 
@@ -32,8 +35,18 @@ def cfg():
 
 
 def doc(pid, title="Puma Men Blue Tshirt", **extra):
-    return {"id": pid, "title": title, "gender": "Men", "base_colour": "Blue", "season": "Summer", "usage": "Casual",
-            "image_url": None, "true_category": "Apparel > Topwear > Tshirts", "rule_categories": [], **extra}
+    return {
+        "id": pid,
+        "title": title,
+        "gender": "Men",
+        "base_colour": "Blue",
+        "season": "Summer",
+        "usage": "Casual",
+        "image_url": None,
+        "true_category": "Apparel > Topwear > Tshirts",
+        "rule_categories": [],
+        **extra,
+    }
 
 
 BAD_LINES = [
@@ -52,8 +65,11 @@ def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
     good = json.dumps(doc("10", rule_categories=["Apparel > Topwear > Tshirts", "Not > A > Category"])).encode()
     huge = json.dumps(doc("11", title="x" * 1_000_000)).encode()
     with test_pipeline.TestPipeline() as p:
-        out = (p | beam.Create([good, huge] + [line for line, _ in BAD_LINES])
-               | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid"))
+        out = (
+            p
+            | beam.Create([good, huge] + [line for line, _ in BAD_LINES])
+            | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid")
+        )
         assert_that(out[DEAD] | "Reasons" >> beam.Map(lambda d: d["reason"]), equal_to([r for _, r in BAD_LINES]), label="dead")
         assert_that(
             out.valid | "Summaries" >> beam.Map(lambda r: (r["id"], len(r["title"]), tuple(r["rule_categories"]))),
@@ -116,8 +132,10 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
     image_ids = sorted(p.stem for p in (fashion_slice / "images").glob("*.jpg"))[:6]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    good = [doc(pid, title=f"Brand{i} Men Blue Tshirt", image_url=f"{image_server}/{pid}.jpg",
-                rule_categories=["Apparel > Topwear > Tshirts"]) for i, pid in enumerate(image_ids)]
+    good = [
+        doc(pid, title=f"Brand{i} Men Blue Tshirt", image_url=f"{image_server}/{pid}.jpg", rule_categories=["Apparel > Topwear > Tshirts"])
+        for i, pid in enumerate(image_ids)
+    ]
     degraded = [
         doc("d404", image_url=f"{image_server}/missing.jpg"),
         doc("dbroken", image_url=f"file://{broken}"),
@@ -141,13 +159,19 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
     by_id = {r["id"]: r for r in clean}
     assert set(by_id) == set(image_ids) | {"d404", "dbroken", "dhang", "dnone"}
     assert all(by_id[i]["has_image"] == 1 and len(by_id[i]["image_embedding"]) == 1280 for i in image_ids)
-    assert {by_id[i]["image_error"] for i in ("d404", "dbroken", "dhang", "dnone")} == {"http_404", "undecodable", "timeout", "no_image_url"}
+    assert {by_id[i]["image_error"] for i in ("d404", "dbroken", "dhang", "dnone")} == {
+        "http_404",
+        "undecodable",
+        "timeout",
+        "no_image_url",
+    }
 
     second = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre2"), cache, ["--runner=DirectRunner"])
     assert second["counters"]["image_cache_hits"] == 6 and "image_cache_misses" not in second["counters"]
     assert read_transformed(tmp_path / "pre1") == read_transformed(tmp_path / "pre2")
     for name in ("title", "brand", "gender"):
-        assert (tmp_path / "pre1/transform_fn/transform_fn/assets" / name).read_bytes() == \
-               (tmp_path / "pre2/transform_fn/transform_fn/assets" / name).read_bytes()
+        assert (tmp_path / "pre1/transform_fn/transform_fn/assets" / name).read_bytes() == (
+            tmp_path / "pre2/transform_fn/transform_fn/assets" / name
+        ).read_bytes()
     clean2 = {r["id"]: r for r in pq.read_table(glob.glob(str(tmp_path / "pre2/clean/*.parquet"))).to_pylist()}
     assert clean2 == by_id

@@ -1,5 +1,6 @@
 """Publisher and consumer against the real RabbitMQ server and the Elasticsearch stand-in,
 asserting document by document on what Elasticsearch holds afterwards."""
+
 import json
 import signal
 import subprocess
@@ -15,13 +16,18 @@ from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
 
 from conftest import ES_PORT, REPO, start_elasticsearch, stop_elasticsearch
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture
 def setup(es, es_url, rabbit_vhost, unique, tmp_path):
     index = f"products-{unique}"
     recreate_index(es, index, PRODUCT_MAPPINGS)
-    helpers.bulk(es, ({"_index": index, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}", "gender": "Men"}}
-                      for i in range(300)), refresh=True)
+    helpers.bulk(
+        es,
+        ({"_index": index, "_id": str(i), "_source": {"id": str(i), "title": f"product {i}", "gender": "Men"}} for i in range(300)),
+        refresh=True,
+    )
     raw = yaml.safe_load((REPO / "feature_config.yaml").read_text())
     raw["publish"].update(queue=f"q-{unique}", dead_letter_queue=f"dlq-{unique}", consumer_bulk_size=50, consumer_flush_s=0.5)
     config = tmp_path / "config.yaml"
@@ -29,9 +35,27 @@ def setup(es, es_url, rabbit_vhost, unique, tmp_path):
     procs = []
 
     def start_consumer(rate_limit=5000):
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--rabbit-vhost", rabbit_vhost.virtual_host,
-                                 "--config", str(config), "--products-index", index, "consume", "--rate-limit", str(rate_limit)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "--es-url",
+                es_url,
+                "--rabbit-vhost",
+                rabbit_vhost.virtual_host,
+                "--config",
+                str(config),
+                "--products-index",
+                index,
+                "consume",
+                "--rate-limit",
+                str(rate_limit),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(proc)
         return proc
 
@@ -47,8 +71,9 @@ def setup(es, es_url, rabbit_vhost, unique, tmp_path):
 
 
 def prediction(pid, version, label="Apparel", run="r1"):
-    return message("predictions", pid, run, f"model-{version}", version,
-                   {"categories": [{"id": label, "score": 0.9, "level": 1}], "attributes": {}})
+    return message(
+        "predictions", pid, run, f"model-{version}", version, {"categories": [{"id": label, "score": 0.9, "level": 1}], "attributes": {}}
+    )
 
 
 def predictions(start, end, version):
@@ -84,8 +109,7 @@ def drain(rabbit, queue):
 
 def test_every_update_lands_and_nothing_else_on_the_document_is_lost(es, setup):
     setup["start_consumer"]()
-    sent = publish_parallel(setup["rabbit"], setup["queue"], setup["dlq"],
-                            predictions(0, 300, 100), workers=2)
+    sent = publish_parallel(setup["rabbit"], setup["queue"], setup["dlq"], predictions(0, 300, 100), workers=2)
     assert sent == {"predictions": 300}
     wait_for(lambda: sum(d.get("prediction_version") == 100 for d in docs(es, setup["index"]).values()) == 300)
     for pid, d in docs(es, setup["index"]).items():
@@ -97,8 +121,11 @@ def test_poison_messages_are_dead_lettered_with_reason_and_the_rest_flows(es, se
     connection = setup["rabbit"].connect()
     channel = connection.channel()
     declare_queues(channel, setup["queue"], setup["dlq"])
-    for body in (b"{not json", json.dumps({**prediction("1", 5), "schema_version": 99}).encode(),
-                 json.dumps({**prediction("2", 5), "body": {}}).encode()):
+    for body in (
+        b"{not json",
+        json.dumps({**prediction("1", 5), "schema_version": 99}).encode(),
+        json.dumps({**prediction("2", 5), "body": {}}).encode(),
+    ):
         channel.basic_publish("", setup["queue"], body)
     connection.close()
     publish_stream(setup["rabbit"], setup["queue"], setup["dlq"], [prediction("no-such-product", 5), prediction("3", 5)])
@@ -114,8 +141,14 @@ def test_poison_messages_are_dead_lettered_with_reason_and_the_rest_flows(es, se
 
 def test_replays_and_out_of_order_versions_leave_the_newest(es, setup):
     setup["start_consumer"]()
-    stream = [prediction("7", 200, "New"), prediction("7", 100, "Old"), prediction("7", 200, "New"),
-              prediction("8", 100, "Old"), prediction("8", 200, "New"), prediction("8", 100, "Old")]
+    stream = [
+        prediction("7", 200, "New"),
+        prediction("7", 100, "Old"),
+        prediction("7", 200, "New"),
+        prediction("8", 100, "Old"),
+        prediction("8", 200, "New"),
+        prediction("8", 100, "Old"),
+    ]
     publish_stream(setup["rabbit"], setup["queue"], setup["dlq"], stream)
     publish_stream(setup["rabbit"], setup["queue"], setup["dlq"], [prediction("9", 1)])  # a marker sent last
     wait_for(lambda: docs(es, setup["index"])["9"].get("prediction_version") == 1)

@@ -2,6 +2,7 @@
 run whose stage folders are written by prodcat's own writers where they are cheap (statistics
 validation, evaluation scores and metrics, the blessing gate, atomic stages) around clean rows
 of the in-repo slice; then opened in headless Chromium."""
+
 import dataclasses
 import gzip
 import json
@@ -27,9 +28,17 @@ from trainer.metrics import evaluate_predictions, truth_matrix
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 NEIGHBOURS_K = 10
 
 
@@ -39,8 +48,17 @@ def write_preprocess(cfg, run_dir, docs, tree, dead_letters):
     rows = []
     for d in docs:
         row = {name: d.get(name) or "" for name in schema.names if pa.types.is_string(schema.field(name).type)}
-        rows.append({**row, "split": split_of(d["id"], "t", 50, 10), "rule_categories": tree.closure(d["rule_categories"]),
-                     "has_image": int(bool(d["image_url"])), "image_embedding": None, "image_error": "", "image_hash": ""})
+        rows.append(
+            {
+                **row,
+                "split": split_of(d["id"], "t", 50, 10),
+                "rule_categories": tree.closure(d["rule_categories"]),
+                "has_image": int(bool(d["image_url"])),
+                "image_embedding": None,
+                "image_error": "",
+                "image_hash": "",
+            }
+        )
     with storage.atomic_stage(storage.join(run_dir, "preprocess")) as tmp:
         os.makedirs(storage.join(tmp, "clean"))
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), storage.join(tmp, "clean", "clean-00000-of-00001.parquet"))
@@ -62,14 +80,28 @@ def write_model_and_evaluation(cfg, data_root, run_dir, docs, tree):
     model_dir = storage.join(run_dir, "model")
     history = {"categories_loss": [0.3, 0.2, 0.15], "val_categories_loss": [0.32, 0.25, 0.22]}
     with storage.atomic_stage(model_dir) as tmp:
-        storage.write_json(storage.join(tmp, "model_card.json"), {
-            "model_version": "r1", "run_id": "r1", "model": dataclasses.asdict(cfg.model), "config": dataclasses.asdict(cfg),
-            "categories": tree.to_records(), "thresholds": thresholds.tolist(), "history": history, "train_examples_per_s": 1234.0})
+        storage.write_json(
+            storage.join(tmp, "model_card.json"),
+            {
+                "model_version": "r1",
+                "run_id": "r1",
+                "model": dataclasses.asdict(cfg.model),
+                "config": dataclasses.asdict(cfg),
+                "categories": tree.to_records(),
+                "thresholds": thresholds.tolist(),
+                "history": history,
+                "train_examples_per_s": 1234.0,
+            },
+        )
     positive, closed = decide(raw, thresholds, tree)
-    metrics = {"split": "test", "examples": len(docs), "model_version": "r1",
-               "rule_labels": evaluate_predictions(closed, positive, rules, tree),
-               "ground_truth": evaluate_predictions(closed, positive, truth, tree),
-               "attributes": {"colour": {"accuracy": 0.8, "examples": len(docs)}}}
+    metrics = {
+        "split": "test",
+        "examples": len(docs),
+        "model_version": "r1",
+        "rule_labels": evaluate_predictions(closed, positive, rules, tree),
+        "ground_truth": evaluate_predictions(closed, positive, truth, tree),
+        "attributes": {"colour": {"accuracy": 0.8, "examples": len(docs)}},
+    }
     evaluation_dir = storage.join(run_dir, "evaluation")
     with storage.atomic_stage(evaluation_dir) as tmp:
         write_scores(storage.join(tmp, SCORES_FILE), [d["id"] for d in docs], raw, thresholds, tree, rules, truth)
@@ -85,15 +117,27 @@ def write_neighbours(run_dir, preprocess_dir, docs):
     records = []
     for d in with_image:
         others = sorted((o for o in with_image if o["id"] != d["id"]), key=lambda o: (group[o["id"]] != group[d["id"]], o["id"]))
-        records.append({"id": d["id"], "group": group[d["id"]],
-                        "neighbours": [{"id": o["id"], "score": round(0.95 - 0.02 * i, 3)} for i, o in enumerate(others[:NEIGHBOURS_K])]})
+        records.append(
+            {
+                "id": d["id"],
+                "group": group[d["id"]],
+                "neighbours": [{"id": o["id"], "score": round(0.95 - 0.02 * i, 3)} for i, o in enumerate(others[:NEIGHBOURS_K])],
+            }
+        )
     neighbours_dir = storage.join(run_dir, "neighbours")
     with storage.atomic_stage(neighbours_dir) as tmp:
         with gzip.open(storage.join(tmp, "neighbours-00000-of-00001.jsonl.gz"), "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        storage.write_json(storage.join(tmp, "summary.json"), {
-            "counters": {"products_with_neighbours": len(records), "groups": len(set(group.values()))}, "k": NEIGHBOURS_K,
-            "group_level": 2, "preprocess_dir": preprocess_dir, "predict_dir": None})
+        storage.write_json(
+            storage.join(tmp, "summary.json"),
+            {
+                "counters": {"products_with_neighbours": len(records), "groups": len(set(group.values()))},
+                "k": NEIGHBOURS_K,
+                "group_level": 2,
+                "preprocess_dir": preprocess_dir,
+                "predict_dir": None,
+            },
+        )
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +160,19 @@ def runs(tmp_path_factory, fashion_slice):
     write_neighbours(neighbours_run, preprocess_dir, docs)
 
     def report(dag_id, run_id):
-        return tasks.report(tasks.RunSettings(data_root=data_root, run_id=run_id, version=2, dag_id=dag_id,
-                                              config_path=str(REPO / "feature_config.yaml")))
+        return tasks.report(
+            tasks.RunSettings(data_root=data_root, run_id=run_id, version=2, dag_id=dag_id, config_path=str(REPO / "feature_config.yaml"))
+        )
 
-    return {"cfg": cfg, "tree": tree, "docs": docs, "run": run, "neighbours_run": neighbours_run,
-            "report": report("prodcat_categorise", "r1"), "neighbours_report": report("prodcat_visual_neighbours", "n1")}
+    return {
+        "cfg": cfg,
+        "tree": tree,
+        "docs": docs,
+        "run": run,
+        "neighbours_run": neighbours_run,
+        "report": report("prodcat_categorise", "r1"),
+        "neighbours_report": report("prodcat_visual_neighbours", "n1"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +230,9 @@ def test_neighbours_report_links_the_categorisation_report(runs):
 def test_same_category_share_counts_neighbours_in_the_true_category(runs):
     from pipelines.report.gallery import neighbours_section
 
-    section = neighbours_section(storage.join(runs["neighbours_run"], "neighbours"), storage.join(runs["run"], "preprocess"),
-                                 runs["tree"], "true_category", 2)
+    section = neighbours_section(
+        storage.join(runs["neighbours_run"], "neighbours"), storage.join(runs["run"], "preprocess"), runs["tree"], "true_category", 2
+    )
     with_image = [d for d in runs["docs"] if d["image_url"]]
     # the fixture puts every product of the same level-2 category first, so within-group share is exact
     expected = []
@@ -212,18 +265,27 @@ def test_top_confusions_name_the_category_shown_instead():
     test = evaluation.TestScores(tree, scores, np.full(len(tree), 0.5, np.float32), truth, truth)
     confusions = evaluation.top_confusions(test)
     assert [(c["level"], c["true_id"], c["predicted_id"], c["count"], c["share"]) for c in confusions] == [
-        (2, "A > x", "A > y", 1, 0.5), (3, "A > x > 1", "A > y > 2", 1, 0.5)]
+        (2, "A > x", "A > y", 1, 0.5),
+        (3, "A > x > 1", "A > y > 2", 1, 0.5),
+    ]
 
 
-@pytest.mark.parametrize("decision, expected", [
-    ({"blessed": True, "forced": True}, "forced by the run's force_publish param"),
-    ({"blessed": True, "forced": False, "previous": None}, "no model was blessed before"),
-    ({"blessed": True, "forced": False, "previous": {"model_dir": "/m/new", "value": 0.5}}, "already the blessed one"),
-    ({"blessed": True, "forced": False, "previous": {"model_dir": "/m/old", "value": 0.7, "model_version": "v0"}},
-     "0.800 is at least the blessed model's 0.700 (v0)"),
-    ({"blessed": False, "forced": False, "previous": {"model_dir": "/m/old", "value": 0.9, "model_version": "v0"}},
-     "0.800 is below the blessed model's 0.900; predictions came from v0"),
-])
+@pytest.mark.parametrize(
+    "decision, expected",
+    [
+        ({"blessed": True, "forced": True}, "forced by the run's force_publish param"),
+        ({"blessed": True, "forced": False, "previous": None}, "no model was blessed before"),
+        ({"blessed": True, "forced": False, "previous": {"model_dir": "/m/new", "value": 0.5}}, "already the blessed one"),
+        (
+            {"blessed": True, "forced": False, "previous": {"model_dir": "/m/old", "value": 0.7, "model_version": "v0"}},
+            "0.800 is at least the blessed model's 0.700 (v0)",
+        ),
+        (
+            {"blessed": False, "forced": False, "previous": {"model_dir": "/m/old", "value": 0.9, "model_version": "v0"}},
+            "0.800 is below the blessed model's 0.900; predictions came from v0",
+        ),
+    ],
+)
 def test_blessing_reason(decision, expected):
     assert expected in build.blessing_reason({"metric": "ground_truth.hierarchical_f1", "value": 0.8, "model_dir": "/m/new", **decision})
 

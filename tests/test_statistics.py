@@ -1,10 +1,13 @@
 """Statistics and anomalies: thresholds against the previous good run, fail or warn as configured."""
+
 import dataclasses
 
 import pytest
 
 from pipelines.config import Validation
 from pipelines.statistics import find_anomalies
+
+pytestmark = pytest.mark.unit
 
 LIMITS = Validation(min_rows=10, max_missing_rate={"image": 0.9})
 
@@ -39,7 +42,8 @@ def test_each_broken_threshold_is_named(current, expected):
 def test_per_feature_limit_overrides_the_default():
     assert find_anomalies(stats(image_missing=0.85), None, LIMITS) == []
     assert find_anomalies(stats(image_missing=0.85), None, dataclasses.replace(LIMITS, max_missing_rate={})) == [
-        "image: missing in 85.0% of products"]
+        "image: missing in 85.0% of products"
+    ]
 
 
 def test_first_run_is_only_checked_against_absolute_limits():

@@ -1,21 +1,24 @@
 """Model construction, losses, tree decisions, thresholds, metrics, and the raw-input export."""
+
 import dataclasses
 import json
 
 import numpy as np
 import pytest
-import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 import tensorflow as tf
+import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 
 from pipelines.config import load_config
+from pipelines.preprocess import label_vectors
 from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import CATEGORIES, LazyAdam, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
-from pipelines.preprocess import label_vectors
 from trainer.train import choose_thresholds, pseudo_labels
 
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 TREE = CategoryTree.from_paths([("A", "A1", "A1x"), ("A", "A1", "A1y"), ("A", "A2", "A2x"), ("B", "B1", "B1x")])
 
@@ -27,13 +30,18 @@ def cfg():
 
 @pytest.mark.parametrize("model_type", ["linear", "ffn", "wide_deep"])
 def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_type):
-    small = dataclasses.replace(cfg.replace_model(type=model_type, hidden_units=[8]),
-                                inputs=tuple(dataclasses.replace(i, vocab_size=20) if i.kind == "text" else i for i in cfg.inputs))
+    small = dataclasses.replace(
+        cfg.replace_model(type=model_type, hidden_units=[8]),
+        inputs=tuple(dataclasses.replace(i, vocab_size=20) if i.kind == "text" else i for i in cfg.inputs),
+    )
     model = build_model(small, len(TREE), {"brand": 5, "gender": 3}, {"colour": 4, "season": 2, "usage": 3})
     batch = 3
     inputs = {
         **{f"{i.name}_ids": tf.sparse.from_dense(tf.constant([[1, 2], [3, 0], [0, 0]], tf.int64)) for i in cfg.inputs_of("text")},
-        **{f"{i.name}_weights": tf.sparse.from_dense(tf.constant([[0.5, 0.5], [1.0, 0], [0, 0]], tf.float32)) for i in cfg.inputs_of("text")},
+        **{
+            f"{i.name}_weights": tf.sparse.from_dense(tf.constant([[0.5, 0.5], [1.0, 0], [0, 0]], tf.float32))
+            for i in cfg.inputs_of("text")
+        },
         "brand_ids": tf.constant([0, 4, 5], tf.int64),
         "gender_ids": tf.constant([0, 1, 3], tf.int64),
         "image": tf.random.normal([batch, 1280]),
@@ -203,15 +211,34 @@ def trained(cfg, tmp_path_factory):
     from trainer import train as train_module
 
     root = tmp_path_factory.mktemp("tiny")
-    small = cfg.replace_model(hidden_units=[16], epochs=30, batch_size=16, learning_rate=0.01, self_training_rounds=1, self_training_min_score=0.5,
-                              self_training_epochs=2, null_evidence_share=0.1, threshold_labels="golden")
+    small = cfg.replace_model(
+        hidden_units=[16],
+        epochs=30,
+        batch_size=16,
+        learning_rate=0.01,
+        self_training_rounds=1,
+        self_training_min_score=0.5,
+        self_training_epochs=2,
+        null_evidence_share=0.1,
+        threshold_labels="golden",
+    )
     small = dataclasses.replace(small, inputs=tuple(i for i in small.inputs if i.kind != "image"))
     docs = []
     for n in range(240):
         true, words = list(SYNTHETIC_WORDS.items())[n % 4]
         title = f"Brand{n % 7} {'Men' if n % 2 else 'Women'} {['Red', 'Blue', 'Green'][n % 3]} {words}"
-        docs.append({"id": f"p{n}", "title": title, "gender": "Men" if n % 2 else "Women", "base_colour": "Red",
-                     "season": "Summer", "usage": "Casual", "true_category": true, "rule_categories": synthetic_rules(true, n)})
+        docs.append(
+            {
+                "id": f"p{n}",
+                "title": title,
+                "gender": "Men" if n % 2 else "Women",
+                "base_colour": "Red",
+                "season": "Summer",
+                "usage": "Casual",
+                "true_category": true,
+                "rule_categories": synthetic_rules(true, n),
+            }
+        )
     with storage.atomic_stage(str(root / "dump")) as tmp:
         with gzip.open(f"{tmp}/products-00000-of-00001.jsonl.gz", "wb") as f:
             f.write(b"\n".join(json.dumps(d).encode() for d in docs) + b"\n")

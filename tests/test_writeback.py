@@ -1,4 +1,5 @@
 """The reconciler and the dead-letter replay against the real RabbitMQ and the Elasticsearch stand-in."""
+
 import json
 
 import pytest
@@ -8,6 +9,8 @@ from benchmarks.chaos import write_predictions
 from pipelines.publish import declare_queues, message
 from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
 from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters
+
+pytestmark = pytest.mark.service
 
 
 @pytest.fixture
@@ -19,8 +22,18 @@ def target(es, rabbit_vhost, unique, tmp_path):
     connection = rabbit_vhost.connect()
     declare_queues(connection.channel(), queue, dlq)
     connection.close()
-    yield Target(es=es, rabbit=rabbit_vhost, index=index, queue=queue, dead_letter_queue=dlq, kind="predictions",
-                 source_dir=str(tmp_path / "predict"), run_id=f"run-{unique}", version=7, publish_workers=1)
+    yield Target(
+        es=es,
+        rabbit=rabbit_vhost,
+        index=index,
+        queue=queue,
+        dead_letter_queue=dlq,
+        kind="predictions",
+        source_dir=str(tmp_path / "predict"),
+        run_id=f"run-{unique}",
+        version=7,
+        publish_workers=1,
+    )
     connection = rabbit_vhost.connect()
     channel = connection.channel()
     channel.queue_delete(queue)
@@ -43,8 +56,9 @@ def take_all(rabbit, queue):
 
 
 def test_reconciler_republishes_exactly_the_missing_updates_then_fails_naming_them(es, target):
-    helpers.bulk(es, ({"_op_type": "update", "_index": target.index, "_id": i, "doc": {"prediction_version": 7}} for i in ("0", "1")),
-                 refresh=True)
+    helpers.bulk(
+        es, ({"_op_type": "update", "_index": target.index, "_id": i, "doc": {"prediction_version": 7}} for i in ("0", "1")), refresh=True
+    )
     state = ReconcileState(published=5)
     republished = []
     with pytest.raises(NotWritten) as failed:
@@ -57,19 +71,27 @@ def test_reconciler_republishes_exactly_the_missing_updates_then_fails_naming_th
 
 
 def test_reconciler_finishes_when_every_update_is_written_or_dead_lettered(es, target):
-    helpers.bulk(es, ({"_op_type": "update", "_index": target.index, "_id": str(i), "doc": {"prediction_version": 8}} for i in range(4)),
-                 refresh=True)  # four hold a newer run's update
-    es.index(index="prodcat-dead-letters", document={"id": "4", "run_id": target.run_id, "kind": "predictions", "reason": "http_400"},
-             refresh=True)
+    helpers.bulk(
+        es,
+        ({"_op_type": "update", "_index": target.index, "_id": str(i), "doc": {"prediction_version": 8}} for i in range(4)),
+        refresh=True,
+    )  # four hold a newer run's update
+    es.index(
+        index="prodcat-dead-letters",
+        document={"id": "4", "run_id": target.run_id, "kind": "predictions", "reason": "http_400"},
+        refresh=True,
+    )
     state = check(target, ReconcileState(published=5), stall_checks=1, max_attempts=1)
     assert state.finished and state.attempts == [] and take_all(target.rabbit, target.queue) == []
 
 
 def test_replay_moves_matching_dead_letters_back_and_keeps_the_rest(target):
     good = message("predictions", "3", target.run_id, "m", 7, {"categories": [], "attributes": {}})
-    letters = [{"reason": "http_404: document_missing_exception", "run_id": target.run_id, "body": json.dumps(good)},
-               {"reason": "invalid_json: Expecting value", "body": "{not json"},
-               {"reason": "http_404: document_missing_exception", "run_id": "another-run", "body": json.dumps(good)}]
+    letters = [
+        {"reason": "http_404: document_missing_exception", "run_id": target.run_id, "body": json.dumps(good)},
+        {"reason": "invalid_json: Expecting value", "body": "{not json"},
+        {"reason": "http_404: document_missing_exception", "run_id": "another-run", "body": json.dumps(good)},
+    ]
     connection = target.rabbit.connect()
     channel = connection.channel()
     for letter in letters:
@@ -79,4 +101,5 @@ def test_replay_moves_matching_dead_letters_back_and_keeps_the_rest(target):
     assert counts == {"replayed": 1, "kept": 2}
     assert take_all(target.rabbit, target.queue) == [good]
     assert sorted(d["reason"][:8] + d.get("run_id", "") for d in take_all(target.rabbit, target.dead_letter_queue)) == sorted(
-        ["http_404another-run", "invalid_"])
+        ["http_404another-run", "invalid_"]
+    )

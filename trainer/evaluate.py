@@ -1,5 +1,6 @@
 """Evaluation of an exported model on the test split, against rule labels and ground truth,
 and the blessing gate that decides whether it replaces the current model."""
+
 from __future__ import annotations
 
 import io
@@ -10,6 +11,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import FeatureConfig
+from pipelines.features import RULE_CATEGORIES
 from pipelines.preprocess import read_clean_rows
 from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import decide
@@ -24,13 +26,27 @@ SCORES_FILE = "scores.npz"
 BLESSED_FILE = "blessed.json"
 
 
-def write_scores(path: str, ids: List[str], raw_scores: np.ndarray, thresholds: np.ndarray, tree: CategoryTree,
-                 rule_truth: np.ndarray, true_truth: np.ndarray) -> None:
+def write_scores(
+    path: str,
+    ids: List[str],
+    raw_scores: np.ndarray,
+    thresholds: np.ndarray,
+    tree: CategoryTree,
+    rule_truth: np.ndarray,
+    true_truth: np.ndarray,
+) -> None:
     """The split's raw category scores and both label sets (``.npz``), for the run report's
     per-category tables, precision-recall curves and reliability plot."""
     with storage.open_write(path) as f:
-        np.savez_compressed(f, ids=np.asarray(ids), categories=np.asarray(tree.ids), scores=raw_scores.astype(np.float32),
-                            thresholds=np.asarray(thresholds, dtype=np.float32), rule_labels=rule_truth, ground_truth=true_truth)
+        np.savez_compressed(
+            f,
+            ids=np.asarray(ids),
+            categories=np.asarray(tree.ids),
+            scores=raw_scores.astype(np.float32),
+            thresholds=np.asarray(thresholds, dtype=np.float32),
+            rule_labels=rule_truth,
+            ground_truth=true_truth,
+        )
 
 
 def read_scores(path: str) -> Dict[str, np.ndarray]:
@@ -39,8 +55,9 @@ def read_scores(path: str) -> Dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
 
 
-def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, split: str = "test",
-                   scores_path: Optional[str] = None) -> Dict[str, Any]:
+def evaluate_model(
+    cfg: FeatureConfig, model_dir: str, preprocess_dir: str, split: str = "test", scores_path: Optional[str] = None
+) -> Dict[str, Any]:
     """Metrics of the served model on ``split``: ``{"rule_labels": .., "ground_truth": .., "attributes": ..}``;
     with ``scores_path``, also the split's scores and labels (:func:`write_scores`)."""
     model = ServingModel.load(model_dir)
@@ -55,7 +72,7 @@ def evaluate_model(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, spli
         raw.append(outputs["category_scores"])
         scores.append(closed)
         positives.append(positive)
-        rule_sets.extend(r["rule_categories"] or [] for r in batch)
+        rule_sets.extend(r[RULE_CATEGORIES] or [] for r in batch)
         true_sets.extend([r[cfg.labels.ground_truth_field]] if r.get(cfg.labels.ground_truth_field) else [] for r in batch)
         for attr in cfg.labels.attributes:
             if not vocab.get(attr.name):

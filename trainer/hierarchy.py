@@ -4,6 +4,7 @@ A positive at a lower level makes every ancestor positive (with at least its sco
 a negative lower down never removes a positive above it. Where the model keeps rule labels
 (``model.keep_rule_labels``), the rules' categories of a product are positives too.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple

@@ -1,4 +1,5 @@
 """Multi-label metrics over a category tree: precision/recall@k, per-level F1, hierarchical F1."""
+
 from __future__ import annotations
 
 from typing import Dict, Sequence

@@ -5,6 +5,7 @@ classes whose label is known) and one softmax group per attribute (loss counted 
 where the attribute is present). Built with ``tf.keras`` (tf_keras once TFT is imported),
 so the model sits next to TFT's ``transform_features_layer()`` in the exported graph.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Mapping
@@ -26,9 +27,7 @@ class SparseLinear(tf.keras.layers.Layer):
         self.units = units
 
     def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel", shape=(self.vocab_size, self.units), initializer="glorot_uniform", trainable=True
-        )
+        self.kernel = self.add_weight(name="kernel", shape=(self.vocab_size, self.units), initializer="glorot_uniform", trainable=True)
 
     def call(self, inputs):
         ids, weights = inputs
@@ -87,7 +86,9 @@ def model_inputs(cfg: FeatureConfig) -> Dict[str, tf.keras.Input]:
     for inp in cfg.inputs:
         if isinstance(inp, TextInput):
             inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(None,), sparse=True, dtype=tf.int64, name=features.ids_key(inp.name))
-            inputs[features.weights_key(inp.name)] = tf.keras.Input(shape=(None,), sparse=True, dtype=tf.float32, name=features.weights_key(inp.name))
+            inputs[features.weights_key(inp.name)] = tf.keras.Input(
+                shape=(None,), sparse=True, dtype=tf.float32, name=features.weights_key(inp.name)
+            )
         elif isinstance(inp, CategoricalInput):
             inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.ids_key(inp.name))
         elif isinstance(inp, DenseInput):
@@ -98,15 +99,20 @@ def model_inputs(cfg: FeatureConfig) -> Dict[str, tf.keras.Input]:
     return inputs
 
 
-def _feature_blocks(cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int):
+def _feature_blocks(
+    cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
     """One tensor per input: a learned projection (``width`` wide when ``linear``)."""
     prefix = "wide" if linear else "deep"
     blocks = []
     for inp in cfg.inputs:
         if isinstance(inp, TextInput):
             size = inp.vocab_size + inp.oov_buckets
-            blocks.append(SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")(
-                [inputs[features.ids_key(inp.name)], inputs[features.weights_key(inp.name)]]))
+            blocks.append(
+                SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")(
+                    [inputs[features.ids_key(inp.name)], inputs[features.weights_key(inp.name)]]
+                )
+            )
         elif isinstance(inp, CategoricalInput):
             size = vocab_sizes[inp.name] + inp.oov_buckets
             dim = width if linear else inp.embedding_dim

@@ -1,4 +1,5 @@
 """Batch prediction of every product through the exported raw-input model, streamed in batches."""
+
 from __future__ import annotations
 
 import gzip

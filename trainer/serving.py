@@ -3,6 +3,7 @@
 Evaluation and batch prediction both go through :class:`ServingModel`, so what is measured
 is exactly what is served.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,13 @@ def raw_batch(cfg: FeatureConfig, rows: Sequence[Mapping[str, Any]]) -> Dict[str
             batch[inp.source] = np.array([float(r.get(inp.source) or inp.default) for r in rows], dtype=np.float32)
         elif isinstance(inp, ImageInput):
             zeros = np.zeros(inp.dim, dtype=np.float32)
-            batch[inp.name] = np.stack([
-                np.asarray(r["image_embedding"], dtype=np.float32) if r.get("image_embedding") is not None else zeros
-                for r in rows
-            ]) if rows else np.zeros((0, inp.dim), dtype=np.float32)
+            batch[inp.name] = (
+                np.stack(
+                    [np.asarray(r["image_embedding"], dtype=np.float32) if r.get("image_embedding") is not None else zeros for r in rows]
+                )
+                if rows
+                else np.zeros((0, inp.dim), dtype=np.float32)
+            )
             batch[features.HAS_IMAGE] = np.array([int(r.get("has_image") or 0) for r in rows], dtype=np.int64)
     return batch
 
@@ -61,7 +65,7 @@ class ServingModel:
     tree: CategoryTree
 
     @classmethod
-    def load(cls, model_dir: str) -> "ServingModel":
+    def load(cls, model_dir: str) -> ServingModel:
         import tensorflow as tf
 
         card = storage.read_json(storage.join(model_dir, MODEL_CARD))
@@ -80,7 +84,7 @@ class ServingModel:
             return None
         y = np.zeros((len(rows), len(self.tree)), dtype=bool)
         for i, row in enumerate(rows):
-            for cid in self.tree.closure([c for c in row.get("rule_categories") or [] if c in self.tree]):
+            for cid in self.tree.closure([c for c in row.get(features.RULE_CATEGORIES) or [] if c in self.tree]):
                 y[i, self.tree.index[cid]] = True
         return y
 

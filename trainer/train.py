@@ -10,6 +10,7 @@ Ground truth is never a training label. With ``model.threshold_labels: golden`` 
 ground truth (a small golden set) chooses the per-category thresholds and judges each
 self-training round; the evaluation stage reports on the test split, which training never reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,8 @@ import numpy as np
 
 from pipelines import features, storage
 from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
-from pipelines.taxonomy import CategoryTree
 from pipelines.preprocess import read_clean_rows
+from pipelines.taxonomy import CategoryTree
 from trainer import serving
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
@@ -112,7 +113,9 @@ def null_evidence_examples(cfg: FeatureConfig, tft_output, num_categories: int, 
         if inp.source in raw:
             continue
         if inp.source in text_sources:
-            words = [["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)]
+            words = [
+                ["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)
+            ]
             raw[inp.source] = tf.constant([" ".join(w) for w in words])
         elif isinstance(inp, CategoricalInput):
             values = [""] + [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(inp.name)]
@@ -137,7 +140,7 @@ def serialize_examples(examples: Dict[str, Any], count: int, spec: Dict[str, Any
     import tensorflow as tf
 
     rows: List[Dict[str, list]] = [{} for _ in range(count)]
-    for key, kind in spec.items():
+    for key in spec:
         if key in (features.LABELS, features.LABEL_MASK):
             continue
         value = examples[key]
@@ -154,8 +157,9 @@ def serialize_examples(examples: Dict[str, Any], count: int, spec: Dict[str, Any
             return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
         return tf.train.Feature(float_list=tf.train.FloatList(value=values))
 
-    return [tf.train.Example(features=tf.train.Features(feature={k: feature(k, v) for k, v in row.items()})).SerializeToString()
-            for row in rows]
+    return [
+        tf.train.Example(features=tf.train.Features(feature={k: feature(k, v) for k, v in row.items()})).SerializeToString() for row in rows
+    ]
 
 
 def choose_thresholds(
@@ -232,7 +236,9 @@ def score_examples(model, ds) -> np.ndarray:
     return np.concatenate(scores) if scores else np.zeros((0, 0), dtype=np.float32)
 
 
-def pseudo_labels(scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, tree: CategoryTree, min_score: float) -> Tuple[np.ndarray, int]:
+def pseudo_labels(
+    scores: np.ndarray, labels: np.ndarray, masks: np.ndarray, tree: CategoryTree, min_score: float
+) -> Tuple[np.ndarray, int]:
     """Self-training targets ``[labels | mask]`` and how many examples got a pseudo-label.
 
     An example whose rule labels stop above the finest categories (or that has none) takes
@@ -275,7 +281,12 @@ def golden_set(cfg: FeatureConfig, preprocess_dir: str, tree: CategoryTree) -> T
 
 
 def eval_thresholds(
-    model, serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, eval_ds, golden: Optional[Tuple[List[dict], np.ndarray]], tree: CategoryTree
+    model,
+    serve: Callable[..., Dict[str, Any]],
+    cfg: FeatureConfig,
+    eval_ds,
+    golden: Optional[Tuple[List[dict], np.ndarray]],
+    tree: CategoryTree,
 ) -> Tuple[np.ndarray, dict]:
     """Per-category thresholds from eval data, and the eval metrics they give: against the
     golden set's ground truth where ``model.threshold_labels`` is ``golden``, else against
@@ -286,7 +297,7 @@ def eval_thresholds(
         rows, truth = golden
         scores, mask = score_rows(serve, cfg, rows), np.ones(truth.shape, dtype=np.float32)
         if m.keep_rule_labels:
-            rules = truth_matrix(tree, [[c for c in r.get("rule_categories") or [] if c in tree] for r in rows])
+            rules = truth_matrix(tree, [[c for c in r.get(features.RULE_CATEGORIES) or [] if c in tree] for r in rows])
             scores = np.where(rules, np.float32(1.0), scores)
     else:
         scores = score_examples(model, eval_ds)
@@ -320,9 +331,17 @@ def epoch_progress(examples_per_epoch: int, epochs: int, label: str):
             self.epochs_run += 1
             logs = logs or {}
             eta = (epochs - epoch - 1) * self.seconds / self.epochs_run
-            log.info("%s epoch %d/%d: loss %.4f, val category loss %.4f, %.0f examples/s, %.1f s, ETA %.0f s",
-                     label, epoch + 1, epochs, logs.get("loss", float("nan")), logs.get(f"val_{CATEGORIES}_loss", float("nan")),
-                     examples_per_epoch / max(took, 1e-9), took, eta)
+            log.info(
+                "%s epoch %d/%d: loss %.4f, val category loss %.4f, %.0f examples/s, %.1f s, ETA %.0f s",
+                label,
+                epoch + 1,
+                epochs,
+                logs.get("loss", float("nan")),
+                logs.get(f"val_{CATEGORIES}_loss", float("nan")),
+                examples_per_epoch / max(took, 1e-9),
+                took,
+                eta,
+            )
 
     return EpochProgress()
 
@@ -334,8 +353,9 @@ def fit(model, train_ds, eval_ds, epochs: int, examples_per_epoch: int, label: s
 
     stop = tf.keras.callbacks.EarlyStopping(monitor=f"val_{CATEGORIES}_loss", patience=2, restore_best_weights=True)
     started = time.perf_counter()
-    history = model.fit(train_ds, validation_data=eval_ds, epochs=epochs, verbose=0,
-                        callbacks=[stop, epoch_progress(examples_per_epoch, epochs, label)])
+    history = model.fit(
+        train_ds, validation_data=eval_ds, epochs=epochs, verbose=0, callbacks=[stop, epoch_progress(examples_per_epoch, epochs, label)]
+    )
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}, time.perf_counter() - started
 
 
@@ -378,16 +398,34 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
         targets, added = pseudo_labels(score_examples(model, in_order), *np.split(rule_targets, 2, axis=1), tree, m.self_training_min_score)
         round_examples = int((targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(targets)
         round_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, targets, null)
-        round_history, round_seconds = fit(model, round_ds, eval_ds, m.self_training_epochs, round_examples + null_count,
-                                           f"self-training round {round_no}/{m.self_training_rounds}")
+        round_history, round_seconds = fit(
+            model,
+            round_ds,
+            eval_ds,
+            m.self_training_epochs,
+            round_examples + null_count,
+            f"self-training round {round_no}/{m.self_training_rounds}",
+        )
         fit_seconds += round_seconds
         train_examples += (round_examples + null_count) * len(round_history["loss"])
         before = finest_micro_f1(eval_metrics)
         thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
-        rounds.append({"round": round_no, "pseudo_labelled": added, "eval_finest_micro_f1_before": before,
-                       "eval_finest_micro_f1_after": finest_micro_f1(eval_metrics), "epochs": len(round_history["loss"])})
-        log.info("self-training round %d: %d pseudo-labelled train products, eval finest-level micro-F1 %s -> %s",
-                 round_no, added, before, rounds[-1]["eval_finest_micro_f1_after"])
+        rounds.append(
+            {
+                "round": round_no,
+                "pseudo_labelled": added,
+                "eval_finest_micro_f1_before": before,
+                "eval_finest_micro_f1_after": finest_micro_f1(eval_metrics),
+                "epochs": len(round_history["loss"]),
+            }
+        )
+        log.info(
+            "self-training round %d: %d pseudo-labelled train products, eval finest-level micro-F1 %s -> %s",
+            round_no,
+            added,
+            before,
+            rounds[-1]["eval_finest_micro_f1_after"],
+        )
     train_seconds = time.perf_counter() - started
 
     card = {

@@ -1,5 +1,6 @@
 """The report's data section: this run's statistics against the previous good run's, and the
 preprocessing dead letters by reason with examples."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,17 @@ def statistics_comparison(statistics_dir: str) -> Dict[str, Any]:
     features = []
     for name, stats in sorted(current["features"].items()):
         before = before_features.get(name, {})
-        features.append({
-            "name": name,
-            **{f"{key}_{when}": source.get(key) for key in ("missing_rate", "vocabulary_size", "mean_chars")
-               for when, source in (("now", stats), ("before", before))},
-            "missing_rate_change": _change(stats.get("missing_rate"), before.get("missing_rate")),
-        })
+        features.append(
+            {
+                "name": name,
+                **{
+                    f"{key}_{when}": source.get(key)
+                    for key in ("missing_rate", "vocabulary_size", "mean_chars")
+                    for when, source in (("now", stats), ("before", before))
+                },
+                "missing_rate_change": _change(stats.get("missing_rate"), before.get("missing_rate")),
+            }
+        )
     return {
         "version": current["version"],
         "compared_with_version": current.get("compared_with_version"),
@@ -40,7 +46,10 @@ def statistics_comparison(statistics_dir: str) -> Dict[str, Any]:
         "anomalies": current["anomalies"],
         "rows": {"now": current["rows"], "before": previous["rows"] if previous else None},
         "labelled_rate": {"now": current["labels"]["labelled_rate"], "before": previous["labels"]["labelled_rate"] if previous else None},
-        "categories_used": {"now": current["labels"]["categories_used"], "before": previous["labels"]["categories_used"] if previous else None},
+        "categories_used": {
+            "now": current["labels"]["categories_used"],
+            "before": previous["labels"]["categories_used"] if previous else None,
+        },
         "features": features,
     }
 

@@ -3,6 +3,7 @@ of the rules, per-category scores, precision-recall curves, top confusions and c
 
 Everything is computed from ``evaluation/metrics.json`` and ``evaluation/scores.npz`` (the test
 split's raw scores, thresholds and both label sets); the model is never run again here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,14 +63,16 @@ def level_rows(metrics: Dict[str, Any], test: Optional[TestScores]) -> List[Dict
     rows = []
     for system, against, m in compared:
         levels = m.get("levels", {})
-        rows.append({
-            "system": system,
-            "against": against,
-            "examples": m.get("examples", 0),
-            "levels": {lvl: {k: levels[lvl][k] for k in ("micro_precision", "micro_recall", "micro_f1")} for lvl in sorted(levels)},
-            "hierarchical_f1": m.get("hierarchical_f1"),
-            "precision_at_1": m.get("precision_at_1"),
-        })
+        rows.append(
+            {
+                "system": system,
+                "against": against,
+                "examples": m.get("examples", 0),
+                "levels": {lvl: {k: levels[lvl][k] for k in ("micro_precision", "micro_recall", "micro_f1")} for lvl in sorted(levels)},
+                "hierarchical_f1": m.get("hierarchical_f1"),
+                "precision_at_1": m.get("precision_at_1"),
+            }
+        )
     return rows
 
 
@@ -93,18 +96,20 @@ def category_rows(test: TestScores) -> List[Dict[str, Any]]:
         if support == 0 and predicted == 0:
             continue
         precision, recall, f1 = _prf(truth[:, c], positive[:, c])
-        rows.append({
-            "id": cid,
-            "name": test.tree.nodes[cid].name,
-            "level": test.tree.level_of(cid),
-            "support": support,
-            "predicted": predicted,
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "rules_f1": _prf(truth[:, c], rules[:, c])[2],
-            "threshold": float(test.thresholds[c]),
-        })
+        rows.append(
+            {
+                "id": cid,
+                "name": test.tree.nodes[cid].name,
+                "level": test.tree.level_of(cid),
+                "support": support,
+                "predicted": predicted,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "rules_f1": _prf(truth[:, c], rules[:, c])[2],
+                "threshold": float(test.thresholds[c]),
+            }
+        )
     return sorted(rows, key=lambda r: (-r["support"], r["id"]))
 
 
@@ -124,14 +129,16 @@ def pr_curves(test: TestScores, level: int, count: int = 6) -> List[Dict[str, An
         recall = tp / y.sum()
         at_threshold = scores[:, c] >= test.thresholds[c]
         p, r, _ = _prf(truth[:, c], at_threshold)
-        curves.append({
-            "name": test.tree.nodes[test.tree.ids[c]].name,
-            "support": int(y.sum()),
-            "precision": precision,
-            "recall": recall,
-            "threshold": float(test.thresholds[c]),
-            "threshold_point": (r, p),
-        })
+        curves.append(
+            {
+                "name": test.tree.nodes[test.tree.ids[c]].name,
+                "support": int(y.sum()),
+                "precision": precision,
+                "recall": recall,
+                "threshold": float(test.thresholds[c]),
+                "threshold_point": (r, p),
+            }
+        )
     return curves
 
 
@@ -153,8 +160,15 @@ def top_confusions(test: TestScores, count: int = 10) -> List[Dict[str, Any]]:
             if path[level - 1] != cid:
                 pairs[(level, cid, path[level - 1])] += 1
     return [
-        {"level": level, "true": tree.nodes[true].name, "true_id": true, "predicted": tree.nodes[pred].name, "predicted_id": pred,
-         "count": n, "share": n / support[true]}
+        {
+            "level": level,
+            "true": tree.nodes[true].name,
+            "true_id": true,
+            "predicted": tree.nodes[pred].name,
+            "predicted_id": pred,
+            "count": n,
+            "share": n / support[true],
+        }
         for (level, true, pred), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:count]
     ]
 

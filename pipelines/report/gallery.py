@@ -1,6 +1,7 @@
 """The report's neighbours section: how often a product's visual neighbours share its true
 category (overall and by rank), and a gallery of a sample of products with their top
 neighbours' photos, fetched by the products' image URLs and inlined as small JPEG thumbnails."""
+
 from __future__ import annotations
 
 import base64
@@ -46,8 +47,9 @@ def _sample(ids: List[str], count: int) -> List[str]:
     return sorted(ids, key=lambda pid: hashlib.sha256(pid.encode()).hexdigest())[:count]
 
 
-def neighbours_section(neighbours_dir: str, preprocess_dir: str, tree: CategoryTree, ground_truth_field: str,
-                       group_level: int) -> Dict[str, Any]:
+def neighbours_section(
+    neighbours_dir: str, preprocess_dir: str, tree: CategoryTree, ground_truth_field: str, group_level: int
+) -> Dict[str, Any]:
     """Same-category shares and the gallery of one neighbours stage."""
     products = {r["id"]: r for r in read_clean_rows(preprocess_dir, columns=["id", "title", "image_url", ground_truth_field])}
     found = {r["id"]: r["neighbours"] for r in read_neighbours(neighbours_dir)}
@@ -73,11 +75,24 @@ def neighbours_section(neighbours_dir: str, preprocess_dir: str, tree: CategoryT
         shown = []
         for n in found[pid][:NEIGHBOURS_SHOWN]:
             other = products.get(n["id"], {})
-            shown.append({"id": n["id"], "title": other.get("title", ""), "score": n["score"],
-                          "same_category": leaf.get(pid) is not None and leaf.get(n["id"]) == leaf[pid],
-                          "image": thumbnail(other.get("image_url", ""))})
-        gallery.append({"id": pid, "title": query.get("title", ""), "true_category": leaf.get(pid),
-                        "image": thumbnail(query.get("image_url", "")), "neighbours": shown})
+            shown.append(
+                {
+                    "id": n["id"],
+                    "title": other.get("title", ""),
+                    "score": n["score"],
+                    "same_category": leaf.get(pid) is not None and leaf.get(n["id"]) == leaf[pid],
+                    "image": thumbnail(other.get("image_url", "")),
+                }
+            )
+        gallery.append(
+            {
+                "id": pid,
+                "title": query.get("title", ""),
+                "true_category": leaf.get(pid),
+                "image": thumbnail(query.get("image_url", "")),
+                "neighbours": shown,
+            }
+        )
     return {
         "products": len(found),
         "with_neighbours": len(with_neighbours),

@@ -1,5 +1,6 @@
 """One short line of counts per finished stage of a run folder, from the stages' own summaries:
 the report's overview table and the demo's one line per task."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -44,8 +45,10 @@ def _preprocess(run_dir: str) -> Optional[str]:
     if not s:
         return None
     c = s["counters"]
-    return (f"{_counted(c, 'valid_')} valid ({c.get('valid_train', 0)}/{c.get('valid_eval', 0)}/{c.get('valid_test', 0)}), "
-            f"{_counted(c, 'rejected_')} dead letters, {_counted(c, 'degraded_image_')} without image")
+    return (
+        f"{_counted(c, 'valid_')} valid ({c.get('valid_train', 0)}/{c.get('valid_eval', 0)}/{c.get('valid_test', 0)}), "
+        f"{_counted(c, 'rejected_')} dead letters, {_counted(c, 'degraded_image_')} without image"
+    )
 
 
 def _statistics(run_dir: str) -> Optional[str]:
@@ -89,8 +92,7 @@ def _indexed(run_dir: str) -> Optional[str]:
     if not s:
         return None
     counts = s.get("counts", {})
-    return (f"{counts.get('indexed', 0)} indexed, {counts.get('dead_lettered', 0)} dead-lettered, "
-            f"{len(s.get('attempts', []))} re-publishes")
+    return f"{counts.get('indexed', 0)} indexed, {counts.get('dead_lettered', 0)} dead-lettered, {len(s.get('attempts', []))} re-publishes"
 
 
 def _neighbours(run_dir: str) -> Optional[str]:

@@ -1,4 +1,5 @@
 """The report's plots (matplotlib, no pyplot state), each returned as a ``data:`` PNG URI."""
+
 from __future__ import annotations
 
 import base64
@@ -54,7 +55,7 @@ def pr_curves(curves: List[Dict[str, Any]]) -> str:
         ax.set_xlabel("recall", fontsize=8)
         ax.set_ylabel("precision", fontsize=8)
         ax.legend(loc="lower left", fontsize=7)
-    for ax in axes[len(curves):]:
+    for ax in axes[len(curves) :]:
         ax.axis("off")
     fig.tight_layout()
     return to_data_uri(fig)
