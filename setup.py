@@ -15,11 +15,11 @@ setup(
     version="0.1.0",
     description="Keeps a large e-commerce catalogue categorised: Elasticsearch -> Beam/TFT -> TF -> ScaNN -> RabbitMQ -> Elasticsearch",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["pipelines", "pipelines.*", "trainer", "trainer.*"]),
+    packages=find_packages(include=["core", "services", "pipelines", "pipelines.*", "trainer", "entrypoints"]),
     package_data={"pipelines.report": ["templates/*.j2"]},
     install_requires=REQUIREMENTS,
     entry_points={
-        "console_scripts": ["prodcat=pipelines.cli:main"],
-        "airflow.plugins": ["prodcat=pipelines.airflow_plugin:ProdcatPlugin"],
+        "console_scripts": ["prodcat=entrypoints.cli:main"],
+        "airflow.plugins": ["prodcat=entrypoints.airflow_plugin:ProdcatPlugin"],
     },
 )

@@ -23,11 +23,11 @@ import pika
 import yaml
 from elasticsearch import Elasticsearch, helpers
 
-from pipelines import storage
-from pipelines.consumer import DEAD_LETTER_INDEX
-from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
-from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
+from core import storage
 from pipelines.writeback import ReconcileState, Target, check, ready_messages, update_messages
+from services.consumer import DEAD_LETTER_INDEX
+from services.publish import RabbitConnection, declare_queues, message, publish_parallel
+from services.search_index import PRODUCT_MAPPINGS, recreate_index
 from trainer.predict import PREDICTIONS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def _consumer(es_url: str, rabbit: RabbitConnection, config: Path, index: str, r
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "entrypoints.cli",
             "--es-url",
             es_url,
             "--rabbit-vhost",

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from benchmarks.results_file import write_results
-from pipelines.config import Neighbours
+from core.config import Neighbours
 from pipelines.neighbours import group_query, normalise
 
 K = 100
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--real", help="a preprocess stage's clean/ folder with image embeddings")
     parser.add_argument("--hnsw-max-n", type=int, default=200_000, help="skip faiss HNSW above this size (its build time)")
     args = parser.parse_args()
-    from pipelines.config import load_config
+    from core.config import load_config
 
     settings = load_config(Path(__file__).resolve().parents[1] / "feature_config.yaml").neighbours
     rows: List[Dict] = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results_file import write_results
-from pipelines.config import ImageInput, load_config
+from core.config import ImageInput, load_config
 from pipelines.images import MAX_BATCH_SIZE, decode_image, load_encoder
 
 REPO = Path(__file__).resolve().parents[1]

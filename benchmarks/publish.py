@@ -36,9 +36,9 @@ from elasticsearch import Elasticsearch, helpers
 
 from benchmarks.chaos import run_chaos
 from benchmarks.results_file import write_results
-from pipelines.consumer import update_action
-from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
-from pipelines.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_index
+from services.consumer import update_action
+from services.publish import RabbitConnection, declare_queues, message, publish_parallel
+from services.search_index import PRODUCT_MAPPINGS, EsConnection, recreate_index
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "bench-publish-products"
@@ -123,7 +123,7 @@ def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_e
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "entrypoints.cli",
                 "--es-url",
                 es_url,
                 "--products-index",
@@ -190,7 +190,7 @@ def rate_limit_check(
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "entrypoints.cli",
             "--es-url",
             es_url,
             "--products-index",
@@ -248,7 +248,7 @@ def main() -> None:
     )
     parser.add_argument("--chaos-updates", type=int, default=8918, help="updates in the combined-fault run (0: skip it)")
     args = parser.parse_args()
-    from pipelines.config import load_config
+    from core.config import load_config
 
     # its own queues, so that a running `prodcat consume` does not take the benchmark's messages
     raw = yaml.safe_load((REPO / "feature_config.yaml").read_text())

@@ -21,11 +21,11 @@ from typing import Dict, List
 import numpy as np
 
 from benchmarks.results_file import write_results
-from pipelines import features, storage
-from pipelines.catalogue import RuleLabeller
-from pipelines.config import load_config
-from pipelines.preprocess import read_clean_rows
-from pipelines.taxonomy import CategoryTree
+from core import features, storage
+from core.config import load_config
+from core.rows import read_clean_rows
+from core.taxonomy import CategoryTree
+from services.catalogue import RuleLabeller
 from trainer.metrics import evaluate_predictions, truth_matrix
 
 REPO = Path(__file__).resolve().parents[1]

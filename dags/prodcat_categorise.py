@@ -20,9 +20,9 @@ from datetime import timedelta
 
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
-from pipelines.assets import PREDICTIONS_URI
-from pipelines.config import load_config
-from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_params, wait_indexed_limits
+from core.config import load_config
+from entrypoints.assets import PREDICTIONS_URI
+from entrypoints.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_params, wait_indexed_limits
 
 WAIT_INDEXED = wait_indexed_limits(load_config(CONFIG_PATH).publish)
 PREDICTIONS = Asset(PREDICTIONS_URI)
@@ -50,37 +50,37 @@ PARAMS = {
 def prodcat_categorise():
     @task
     def dump() -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("dump", CONFIG_PATH)
 
     @task
     def preprocess(dump_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("preprocess", CONFIG_PATH, dump_dir)
 
     @task
     def validate_statistics(preprocess_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("validate_statistics", CONFIG_PATH, preprocess_dir)
 
     @task
     def train(preprocess_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("train", CONFIG_PATH, preprocess_dir)
 
     @task
     def evaluate(model_dir: str, preprocess_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("evaluate", CONFIG_PATH, model_dir, preprocess_dir)
 
     @task(outlets=[PREDICTIONS])
     def predict(evaluation_dir: str, preprocess_dir: str, *, outlet_events=None) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         predict_dir = run_task("predict", CONFIG_PATH, evaluation_dir, preprocess_dir)
         outlet_events[PREDICTIONS].extra = {"predict_dir": predict_dir, "preprocess_dir": preprocess_dir}
@@ -88,7 +88,7 @@ def prodcat_categorise():
 
     @task
     def publish(predict_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("publish_predictions", CONFIG_PATH, predict_dir)
 
@@ -96,15 +96,15 @@ def prodcat_categorise():
     def wait_indexed(publish_dir: str) -> PokeReturnValue:
         """Waits, without holding a worker slot, until the consumer wrote every update; re-publishes
         what went missing (pipelines.writeback)."""
-        from pipelines.airflow_entry import poke_indexed
+        from entrypoints.airflow_entry import poke_indexed
 
         return poke_indexed(CONFIG_PATH, publish_dir)
 
     @task
     def report() -> str:
         """The run's HTML report (``<run folder>/report/index.html``); the Airflow UI shows it in a
-        "Run report" tab of the DAG run (pipelines.airflow_plugin)."""
-        from pipelines.airflow_entry import run_task
+        "Run report" tab of the DAG run (entrypoints.airflow_plugin)."""
+        from entrypoints.airflow_entry import run_task
 
         return run_task("report", CONFIG_PATH)
 

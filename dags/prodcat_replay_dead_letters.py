@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 
-from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args
+from entrypoints.dag_defaults import CONFIG_PATH, START_DATE, default_args
 
 PARAMS = {
     "run_id": Param(None, type=["null", "string"], description="Only the dead letters of this run (default: all)."),
@@ -38,7 +38,7 @@ PARAMS = {
 def prodcat_replay_dead_letters():
     @task
     def replay() -> dict:
-        from pipelines.airflow_entry import run_replay
+        from entrypoints.airflow_entry import run_replay
 
         return run_replay(CONFIG_PATH)
 

@@ -17,9 +17,9 @@ from datetime import timedelta
 
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, task
 
-from pipelines.assets import PREDICTIONS_URI
-from pipelines.config import load_config
-from pipelines.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_params, wait_indexed_limits
+from core.config import load_config
+from entrypoints.assets import PREDICTIONS_URI
+from entrypoints.dag_defaults import CONFIG_PATH, START_DATE, default_args, run_params, wait_indexed_limits
 
 WAIT_INDEXED = wait_indexed_limits(load_config(CONFIG_PATH).publish)
 
@@ -48,13 +48,13 @@ PARAMS = {
 def prodcat_visual_neighbours():
     @task
     def neighbours() -> str:
-        from pipelines.airflow_entry import run_neighbours
+        from entrypoints.airflow_entry import run_neighbours
 
         return run_neighbours(CONFIG_PATH)
 
     @task
     def publish(neighbours_dir: str) -> str:
-        from pipelines.airflow_entry import run_task
+        from entrypoints.airflow_entry import run_task
 
         return run_task("publish_neighbours", CONFIG_PATH, neighbours_dir)
 
@@ -62,15 +62,15 @@ def prodcat_visual_neighbours():
     def wait_indexed(publish_dir: str) -> PokeReturnValue:
         """Waits, without holding a worker slot, until the consumer wrote every update; re-publishes
         what went missing (pipelines.writeback)."""
-        from pipelines.airflow_entry import poke_indexed
+        from entrypoints.airflow_entry import poke_indexed
 
         return poke_indexed(CONFIG_PATH, publish_dir)
 
     @task
     def report() -> str:
         """The run's HTML report (``<run folder>/report/index.html``); the Airflow UI shows it in a
-        "Run report" tab of the DAG run (pipelines.airflow_plugin)."""
-        from pipelines.airflow_entry import run_task
+        "Run report" tab of the DAG run (entrypoints.airflow_plugin)."""
+        from entrypoints.airflow_entry import run_task
 
         return run_task("report", CONFIG_PATH)
 

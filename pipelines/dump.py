@@ -2,7 +2,7 @@
 
 Each slice streams pages into its own gzip JSON-lines file, so memory stays flat in the
 number of products. Files land in a temporary folder that replaces the stage folder
-only when every slice finished (see :func:`pipelines.storage.atomic_stage`).
+only when every slice finished (see :func:`core.storage.atomic_stage`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 from elasticsearch import Elasticsearch
 
-from pipelines import storage
-from pipelines.config import FeatureConfig
-from pipelines.taxonomy import CategoryTree
+from core import storage
+from core.config import FeatureConfig
+from core.taxonomy import CategoryTree
 
 log = logging.getLogger(__name__)
 

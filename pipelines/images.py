@@ -23,8 +23,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from pipelines import storage
-from pipelines.config import ImageInput
+from core import storage
+from core.config import ImageInput
 
 IMAGE_SIZE = 224
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

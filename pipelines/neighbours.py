@@ -21,11 +21,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import storage
-from pipelines.config import Neighbours
-from pipelines.features import RULE_CATEGORIES
+from core import storage
+from core.config import Neighbours
+from core.features import RULE_CATEGORIES
+from core.taxonomy import CategoryTree
 from pipelines.preprocess import beam_counters
-from pipelines.taxonomy import CategoryTree
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def normalise(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def build_searcher(vectors: np.ndarray, k: int, settings: Neighbours) -> Any:
     """A ScaNN searcher over unit ``vectors`` (dot product = cosine), settings from the group size."""
-    from pipelines.scann_search import scann_ops_pybind
+    from services.scann_search import scann_ops_pybind
 
     n = len(vectors)
     builder = scann_ops_pybind.builder(vectors, k, "dot_product")

@@ -25,9 +25,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import features, images, storage
-from pipelines.config import CategoricalInput, FeatureConfig, TextInput
-from pipelines.taxonomy import CategoryTree
+from core import features, storage
+from core.config import CategoricalInput, FeatureConfig, TextInput
+from core.taxonomy import CategoryTree
+from pipelines import images
 
 log = logging.getLogger(__name__)
 
@@ -343,14 +344,3 @@ def beam_counters(result: beam.runners.runner.PipelineResult, namespace: str) ->
     """A finished pipeline's counters of ``namespace``, by name."""
     query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))
     return dict(sorted((r.key.metric.name, r.committed) for r in query["counters"]))
-
-
-def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048) -> Iterator[Dict[str, Any]]:
-    """Streams the clean rows of a finished preprocessing stage, row group by row group."""
-    import pyarrow.parquet as pq
-
-    storage.require_complete(preprocess_dir)
-    for path in storage.list_files(storage.join(preprocess_dir, "clean"), "*.parquet"):
-        with storage.open_read(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
-                yield from batch.to_pylist()

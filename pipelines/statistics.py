@@ -9,10 +9,10 @@ import logging
 from collections import Counter
 from typing import Dict, List, Optional
 
-from pipelines import storage
-from pipelines.config import CategoricalInput, FeatureConfig, TextInput, Validation
-from pipelines.features import RULE_CATEGORIES
-from pipelines.preprocess import read_clean_rows
+from core import storage
+from core.config import CategoricalInput, FeatureConfig, TextInput, Validation
+from core.features import RULE_CATEGORIES
+from core.rows import read_clean_rows
 
 log = logging.getLogger(__name__)
 

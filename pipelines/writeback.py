@@ -19,8 +19,8 @@ from typing import Dict, Iterator, List, Optional, Set
 import pika
 from elasticsearch import Elasticsearch, helpers
 
-from pipelines.consumer import DEAD_LETTER_INDEX, FIELDS
-from pipelines.publish import RabbitConnection, declare_queues, message, publish_parallel
+from services.consumer import DEAD_LETTER_INDEX, FIELDS
+from services.publish import RabbitConnection, declare_queues, message, publish_parallel
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ def es_url() -> str:
 
 @pytest.fixture(scope="session")
 def rabbit_vhost():
-    from pipelines.publish import RabbitConnection
+    from services.publish import RabbitConnection
 
     start_rabbitmq()
     subprocess.run(["rabbitmqctl", "add_vhost", VHOST], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,7 +104,7 @@ def rabbit_vhost():
 
 @pytest.fixture
 def es(es_url):
-    from pipelines.search_index import EsConnection
+    from services.search_index import EsConnection
 
     return EsConnection(url=es_url).client()
 
@@ -121,7 +121,7 @@ def fashion_slice() -> Path:
 
 @pytest.fixture(scope="session")
 def image_server(fashion_slice):
-    from pipelines.image_server import make_server
+    from services.image_server import make_server
 
     server = make_server(str(fashion_slice / "images"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -9,7 +9,7 @@ import stat
 import pytest
 from airflow.sdk import Connection
 
-from pipelines import airflow_entry
+from entrypoints import airflow_entry
 
 pytestmark = pytest.mark.unit
 

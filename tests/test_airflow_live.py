@@ -15,8 +15,8 @@ import pytest
 import requests
 from elasticsearch import helpers
 
-from pipelines.cli import airflow_env
-from pipelines.search_index import EsConnection
+from entrypoints.cli import airflow_env
+from services.search_index import EsConnection
 from trainer.predict import read_predictions
 
 from conftest import REPO
@@ -83,7 +83,7 @@ class Airflow:
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice):
     work = tmp_path_factory.mktemp("airflow-live")
-    common = [sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--rabbit-vhost", rabbit_vhost.virtual_host]
+    common = [sys.executable, "-m", "entrypoints.cli", "--es-url", es_url, "--rabbit-vhost", rabbit_vhost.virtual_host]
     subprocess.run(common + ["seed", "--catalogue", str(fashion_slice), "--image-base-url", image_server], check=True, cwd=REPO)
     consumer = subprocess.Popen(common + ["consume"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = free_port()

@@ -7,7 +7,7 @@ import typing
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, FeatureConfig, ImageInput, Input, TextInput, load_config, parse_config
+from core.config import ConfigError, FeatureConfig, ImageInput, Input, TextInput, load_config, parse_config
 
 from conftest import REPO
 
@@ -128,7 +128,7 @@ def key_paths(raw, cls, prefix=""):
 
 def test_every_key_of_the_config_file_is_accessed_as_an_attribute_outside_the_loader(raw):
     """A key no code reads is a promise the code does not keep. This checks a necessary condition:
-    some module outside pipelines/config.py accesses an attribute of the key's name (a generic name
+    some module outside core/config.py accesses an attribute of the key's name (a generic name
     such as ``name`` passes on any access of that name)."""
     accessed = accessed_attribute_names()
     unread = [path for path, key in key_paths(raw, FeatureConfig) if key not in accessed]

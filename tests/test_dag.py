@@ -13,7 +13,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.unit
 
-HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "pipelines.scann_search", "elasticsearch", "pika")
+HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "services.scann_search", "elasticsearch", "pika")
 
 
 DAG_IDS = ("prodcat_categorise", "prodcat_replay_dead_letters", "prodcat_visual_neighbours")
@@ -82,7 +82,7 @@ def test_schedule_and_run_policy(bag, dag_id):
 
 @pytest.mark.parametrize("dag_id", ["prodcat_categorise", "prodcat_visual_neighbours"])
 def test_wait_indexed_is_a_rescheduling_sensor_with_the_configured_limits(bag, dag_id):
-    from pipelines.config import load_config
+    from core.config import load_config
 
     publish = load_config(REPO / "feature_config.yaml").publish
     sensor = bag.dags[dag_id].get_task("wait_indexed")
@@ -109,7 +109,7 @@ def entry_point_calls(dag_file):
     imported = {
         alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "pipelines.airflow_entry"
+        if isinstance(node, ast.ImportFrom) and node.module == "entrypoints.airflow_entry"
         for alias in node.names
     }
     for node in ast.walk(tree):
@@ -119,7 +119,7 @@ def entry_point_calls(dag_file):
 
 
 def test_every_task_name_the_dags_and_the_cli_use_is_registered():
-    from pipelines import airflow_entry, cli, tasks
+    from entrypoints import airflow_entry, cli, tasks
 
     calls = [call for path in sorted((REPO / "dags").glob("*.py")) for call in entry_point_calls(path)]
     assert {function for function, _ in calls} == {"run_task", "poke_indexed", "run_replay", "run_neighbours"}

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import storage
-from pipelines.config import load_config
+from core import storage
+from core.config import load_config
+from core.taxonomy import CategoryTree
 from pipelines.dump import dump_products, product_fields, product_query
-from pipelines.search_index import seed_catalogue
-from pipelines.taxonomy import CategoryTree
+from services.search_index import seed_catalogue
 
 from conftest import REPO
 

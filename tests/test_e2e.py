@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from elasticsearch import helpers
 
-from pipelines.cli import airflow_env, run_dags
+from entrypoints.cli import airflow_env, run_dags
 from pipelines.neighbours import read_neighbours
-from pipelines.search_index import EsConnection
+from services.search_index import EsConnection
 
 from conftest import REPO
 
@@ -29,7 +29,7 @@ def all_docs(es, index):
 @pytest.fixture(scope="module")
 def dag_run(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice):
     work = tmp_path_factory.mktemp("e2e")
-    common = [sys.executable, "-m", "pipelines.cli", "--es-url", es_url, "--rabbit-vhost", rabbit_vhost.virtual_host]
+    common = [sys.executable, "-m", "entrypoints.cli", "--es-url", es_url, "--rabbit-vhost", rabbit_vhost.virtual_host]
     subprocess.run(common + ["seed", "--catalogue", str(fashion_slice), "--image-base-url", image_server], check=True, cwd=REPO)
     es = EsConnection(url=es_url).client()
     before = all_docs(es, "products")
@@ -116,8 +116,8 @@ def test_nothing_else_on_the_document_was_lost(dag_run):
 
 
 def test_exported_model_serves_raw_inputs_without_the_transform_folder(dag_run, tmp_path):
-    from pipelines.config import load_config
-    from pipelines.preprocess import read_clean_rows
+    from core.config import load_config
+    from core.rows import read_clean_rows
     from trainer.serving import ServingModel, raw_batch
 
     run = dag_run["run_dir"]

@@ -8,8 +8,8 @@ import tensorflow as tf
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from pipelines import features
-from pipelines.config import parse_config
+from core import features
+from core.config import parse_config
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.config import load_config
 from pipelines import images
-from pipelines.config import load_config
 
 from conftest import REPO
 

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipelines.config import Neighbours
+from core.config import Neighbours
 from pipelines.neighbours import exact_search, normalise, search_group
 
 pytestmark = pytest.mark.unit
@@ -58,7 +58,7 @@ def test_exact_search_orders_ties_by_index():
 
 @pytest.mark.parametrize("brute_force_below", [10_000, 100])
 def test_serialised_group_searcher_answers_a_new_product(tmp_path, brute_force_below):
-    from pipelines.scann_search import scann_ops_pybind
+    from services.scann_search import scann_ops_pybind
 
     vectors = clustered(400, 16, 4, seed=2)
     ids = [f"p{i}" for i in range(400)]

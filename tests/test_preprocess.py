@@ -15,10 +15,10 @@ import tensorflow as tf
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import storage
-from pipelines.config import load_config
+from core import storage
+from core.config import load_config
+from core.taxonomy import CategoryTree
 from pipelines.preprocess import DEAD, ValidateProduct, label_vectors, preprocess, split_of
-from pipelines.taxonomy import CategoryTree
 
 from conftest import REPO
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from elasticsearch import helpers
 
-from pipelines.publish import declare_queues, message, publish_parallel, publish_stream
-from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
+from services.publish import declare_queues, message, publish_parallel, publish_stream
+from services.search_index import PRODUCT_MAPPINGS, recreate_index
 
 from conftest import ES_PORT, REPO, start_elasticsearch, stop_elasticsearch
 
@@ -39,7 +39,7 @@ def setup(es, es_url, rabbit_vhost, unique, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "entrypoints.cli",
                 "--es-url",
                 es_url,
                 "--rabbit-vhost",

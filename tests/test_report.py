@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage, tasks
-from pipelines.catalogue import RuleLabeller, product_documents
-from pipelines.config import load_config
+from core import storage
+from core.config import load_config
+from core.taxonomy import CategoryTree
+from entrypoints import tasks
 from pipelines.preprocess import clean_parquet_schema, split_of
 from pipelines.report import build, evaluation
 from pipelines.statistics import previous_statistics, validate
-from pipelines.taxonomy import CategoryTree
+from services.catalogue import RuleLabeller, product_documents
 from trainer.evaluate import SCORES_FILE, bless, write_scores
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
@@ -309,6 +310,8 @@ def test_cli_prints_the_report_and_renders_a_missing_one(runs, tmp_path):
 
     run = tmp_path / "runs" / "prodcat_categorise" / "copy"
     shutil.copytree(runs["run"], run, ignore=shutil.ignore_patterns("report"))
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "report", str(run)], capture_output=True, text=True, check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "entrypoints.cli", "report", str(run)], capture_output=True, text=True, check=True, cwd=REPO
+    )
     assert out.stdout.strip() == str(run / "report" / "index.html")
     assert 'id="evaluation"' in (run / "report" / "index.html").read_text(encoding="utf-8")

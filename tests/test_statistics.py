@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pipelines.config import Validation
+from core.config import Validation
 from pipelines.statistics import find_anomalies
 
 pytestmark = pytest.mark.unit

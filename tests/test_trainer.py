@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 
-from pipelines.config import load_config
+from core.config import load_config
+from core.taxonomy import CategoryTree
 from pipelines.preprocess import label_vectors
-from pipelines.taxonomy import CategoryTree
 from trainer.hierarchy import category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import CATEGORIES, LazyAdam, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
@@ -151,7 +151,7 @@ def test_metrics_against_truth_per_level_and_hierarchical():
 
 
 def test_blessing_gate_keeps_the_better_model_unless_forced(tmp_path):
-    from pipelines import storage
+    from core import storage
     from trainer.evaluate import bless
 
     blessed_path = str(tmp_path / "blessed.json")
@@ -206,7 +206,7 @@ def trained(cfg, tmp_path_factory):
     Records which transformed files each dataset of the training run was built from."""
     import gzip
 
-    from pipelines import storage
+    from core import storage
     from pipelines.preprocess import preprocess
     from trainer import train as train_module
 

@@ -6,9 +6,9 @@ import pytest
 from elasticsearch import helpers
 
 from benchmarks.chaos import write_predictions
-from pipelines.publish import declare_queues, message
-from pipelines.search_index import PRODUCT_MAPPINGS, recreate_index
 from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters
+from services.publish import declare_queues, message
+from services.search_index import PRODUCT_MAPPINGS, recreate_index
 
 pytestmark = pytest.mark.service
 

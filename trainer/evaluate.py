@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.config import FeatureConfig
-from pipelines.features import RULE_CATEGORIES
-from pipelines.preprocess import read_clean_rows
-from pipelines.taxonomy import CategoryTree
+from core import storage
+from core.config import FeatureConfig
+from core.features import RULE_CATEGORIES
+from core.rows import read_clean_rows
+from core.taxonomy import CategoryTree
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.predict import score_batches

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from pipelines.taxonomy import CategoryTree
+from core.taxonomy import CategoryTree
 
 
 def decide(

@@ -6,7 +6,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from pipelines.taxonomy import CategoryTree
+from core.taxonomy import CategoryTree
 
 
 def truth_matrix(tree: CategoryTree, label_sets: Sequence[Sequence[str]]) -> np.ndarray:

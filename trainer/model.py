@@ -12,8 +12,8 @@ from typing import Dict, Mapping
 
 import tensorflow as tf
 
-from pipelines import features
-from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core import features
+from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
 
 CATEGORIES = "categories"
 

@@ -9,9 +9,9 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.config import FeatureConfig
-from pipelines.preprocess import read_clean_rows
+from core import storage
+from core.config import FeatureConfig
+from core.rows import read_clean_rows
 from trainer.hierarchy import best_path, category_entries, decide
 from trainer.serving import ServingModel, raw_batch
 

@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipelines import features, storage
-from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
-from pipelines.taxonomy import CategoryTree
+from core import features, storage
+from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core.taxonomy import CategoryTree
 
 SAVED_MODEL = "saved_model"
 MODEL_CARD = "model_card.json"

@@ -20,10 +20,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pipelines import features, storage
-from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
-from pipelines.preprocess import read_clean_rows
-from pipelines.taxonomy import CategoryTree
+from core import features, storage
+from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core.rows import read_clean_rows
+from core.taxonomy import CategoryTree
 from trainer import serving
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix

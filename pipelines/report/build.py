@@ -15,11 +15,11 @@ from typing import Any, Dict, Optional
 
 import jinja2
 
-from pipelines import storage
-from pipelines.config import FeatureConfig
+from core import storage
+from core.config import FeatureConfig
+from core.taxonomy import CategoryTree
 from pipelines.report import data, evaluation, gallery, plots
 from pipelines.report.overview import read_stage_json, stage_summaries
-from pipelines.taxonomy import CategoryTree
 
 REPORT_FILE = "index.html"
 REPORT_STAGE = "report"

@@ -7,7 +7,7 @@ import json
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional
 
-from pipelines import storage
+from core import storage
 from pipelines.statistics import PREVIOUS_FILE, STATISTICS_FILE
 
 EXAMPLES_PER_REASON = 3

@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.taxonomy import CategoryTree
+from core import storage
+from core.taxonomy import CategoryTree
 from trainer.evaluate import METRICS_FILE, SCORES_FILE, read_scores
 from trainer.hierarchy import best_path, decide
 from trainer.metrics import evaluate_predictions

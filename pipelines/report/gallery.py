@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from core.rows import read_clean_rows
+from core.taxonomy import CategoryTree
 from pipelines import images
 from pipelines.neighbours import read_neighbours
-from pipelines.preprocess import read_clean_rows
-from pipelines.taxonomy import CategoryTree
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-from pipelines import storage
+from core import storage
 
 # the DAG tasks' stage folders
 TASK_STAGES = {

@@ -17,14 +17,14 @@ import webbrowser
 from pathlib import Path
 from typing import IO, List, Optional, Tuple
 
-from pipelines.publish import RabbitConnection
-from pipelines.search_index import EsConnection
+from services.publish import RabbitConnection
+from services.search_index import EsConnection
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "data" / "fashion_slice"
 RULES = REPO / "data" / "labelling_rules.yaml"
 TREE = REPO / "data" / "fashion_categories.json"
-# the names of pipelines.tasks.TASKS, which tests/test_dag.py checks; importing it here would load Beam for every command
+# the names of entrypoints.tasks.TASKS, which tests/test_dag.py checks; importing it here would load Beam for every command
 STAGES = (
     "dump",
     "preprocess",
@@ -55,9 +55,9 @@ def _rabbit(args: argparse.Namespace) -> RabbitConnection:
 
 
 def cmd_seed(args: argparse.Namespace) -> None:
-    from pipelines.catalogue import RuleLabeller, product_documents
-    from pipelines.search_index import seed_catalogue
-    from pipelines.taxonomy import CategoryTree
+    from core.taxonomy import CategoryTree
+    from services.catalogue import RuleLabeller, product_documents
+    from services.search_index import seed_catalogue
 
     catalogue = Path(args.catalogue)
     tree = CategoryTree.load_json(args.tree)
@@ -68,7 +68,7 @@ def cmd_seed(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_images(args: argparse.Namespace) -> None:
-    from pipelines.image_server import make_server
+    from services.image_server import make_server
 
     server = make_server(str(Path(args.catalogue) / "images"), args.host, args.port)
     logging.info("serving %s on http://%s:%d", args.catalogue, args.host, args.port)
@@ -76,8 +76,8 @@ def cmd_serve_images(args: argparse.Namespace) -> None:
 
 
 def cmd_consume(args: argparse.Namespace) -> None:
-    from pipelines.config import load_config
-    from pipelines.consumer import Consumer, ConsumerSettings
+    from core.config import load_config
+    from services.consumer import Consumer, ConsumerSettings
 
     p = load_config(args.config).publish
     settings = ConsumerSettings(
@@ -96,7 +96,7 @@ def cmd_consume(args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from pipelines.config import load_config
+    from core.config import load_config
     from pipelines.writeback import replay_dead_letters
 
     p = load_config(args.config).publish
@@ -107,7 +107,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
-    from pipelines import tasks
+    from entrypoints import tasks
 
     settings = tasks.RunSettings(
         data_root=args.data_root,
@@ -198,7 +198,7 @@ def run_dags(env: dict, data_root: str, conf: dict, run_after: str, log: Optiona
 
 def print_report(es_url: str, run: str, neighbours_run: str, products_index: str) -> None:
     """Evaluation figures, three example products and where the reports are, in a few lines."""
-    from pipelines import storage
+    from core import storage
 
     es = EsConnection(url=es_url).client()
     metrics = storage.read_json(storage.join(run, "evaluation", "metrics.json"))
@@ -227,7 +227,7 @@ def print_report(es_url: str, run: str, neighbours_run: str, products_index: str
 def cmd_demo(args: argparse.Namespace) -> None:
     """Seeds the catalogue, serves its images, runs the consumer and both DAGs, reports. Unless
     ``--verbose``, the services' and Airflow's logs go to a file and one line per task is printed."""
-    from pipelines.image_server import make_server
+    from services.image_server import make_server
 
     work = Path(args.work_dir).resolve()
     data_root = str(work / "data")
@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "entrypoints.cli",
                 *common,
                 "seed",
                 "--catalogue",
@@ -261,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         counts = json.loads(seeded.stdout)
         text = f"{counts['seeded_products']} products, {counts['categories']} categories"
         print(f"{'seed':<22} {text:<72} {time.perf_counter() - started:6.1f} s")
-        consumer = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *common, "consume"], stdout=log, stderr=log)
+        consumer = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", *common, "consume"], stdout=log, stderr=log)
         try:
             env = airflow_env(work / "airflow", data_root, args.es_url, args.rabbit_host, args.rabbit_port)
             runs = run_dags(env, data_root, {"model_type": args.model_type}, args.run_after, log)
@@ -281,8 +281,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     """Prints the path of a run folder's report, rendering it first where it is missing (or
     with ``--rebuild``); ``--open`` shows it in the default browser (a local copy for gs://)."""
-    from pipelines import storage
-    from pipelines.config import load_config
+    from core import storage
+    from core.config import load_config
     from pipelines.report.build import REPORT_FILE, write_report
 
     run_dir = args.run_dir.rstrip("/")

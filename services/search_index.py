@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 
 from elasticsearch import BadRequestError, Elasticsearch, helpers
 
-from pipelines.taxonomy import CategoryTree
+from core.taxonomy import CategoryTree
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 view) showing a small FastAPI app mounted in the API server at ``/prodcat``.
 
 The app serves ``/prodcat/reports/{dag_id}/{run_id}``: the file that run's ``report`` task
-returned (its XCom), read through :mod:`pipelines.storage` (local or ``gs://``), for users allowed
+returned (its XCom), read through :mod:`core.storage` (local or ``gs://``), for users allowed
 to read the DAG's runs. Registered through the ``airflow.plugins`` entry point in ``setup.py``.
 """
 
@@ -37,7 +37,7 @@ def report_path(session: SessionDep, dag_id: str, run_id: str) -> str:
 @app.get("/reports/{dag_id}/{run_id}", response_class=HTMLResponse, dependencies=[Depends(requires_access_dag("GET", DagAccessEntity.RUN))])
 def run_report(dag_id: str, run_id: str, session: SessionDep) -> HTMLResponse:
     """The run's report page."""
-    from pipelines import storage
+    from core import storage
 
     path = report_path(session, dag_id, run_id)
     if not storage.exists(path):

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
-from pipelines.taxonomy import CategoryTree, path_id
+from core.taxonomy import CategoryTree, path_id
 
 log = logging.getLogger(__name__)
 

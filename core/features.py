@@ -11,7 +11,7 @@ from typing import Callable, Dict, Tuple
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipelines.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
 
 LABELS = "labels"
 LABEL_MASK = "label_mask"

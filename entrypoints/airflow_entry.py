@@ -1,5 +1,5 @@
 """The Airflow entry point of prodcat's tasks: reads params, connections and variables of
-the running task and calls :mod:`pipelines.tasks`. Imported only inside tasks."""
+the running task and calls :mod:`entrypoints.tasks`. Imported only inside tasks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import os
 import tempfile
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
-from pipelines.assets import PREDICTIONS_URI
-from pipelines.publish import RabbitConnection
-from pipelines.search_index import EsConnection
-from pipelines.tasks import RunSettings
+from entrypoints.assets import PREDICTIONS_URI
+from entrypoints.tasks import RunSettings
+from services.publish import RabbitConnection
+from services.search_index import EsConnection
 
 ES_CONN_ID = "prodcat_elasticsearch"
 RABBIT_CONN_ID = "prodcat_rabbitmq"
@@ -143,21 +143,21 @@ def run_settings(context: Mapping[str, Any], config_path: str, project: Optional
 
 
 def run_task(name: str, config_path: str, *paths: str) -> Any:
-    """Runs stage ``name`` of :data:`pipelines.tasks.TASKS` for the current Airflow task."""
+    """Runs stage ``name`` of :data:`entrypoints.tasks.TASKS` for the current Airflow task."""
     from airflow.sdk import get_current_context
 
-    from pipelines import tasks
+    from entrypoints import tasks
 
     with google_cloud_credentials() as project:
         return tasks.TASKS[name](run_settings(get_current_context(), config_path, project), *paths)
 
 
 def poke_indexed(config_path: str, publish_dir: str) -> Any:
-    """One poke of a ``wait_indexed`` sensor: a check of :func:`pipelines.tasks.check_indexed`, its
+    """One poke of a ``wait_indexed`` sensor: a check of :func:`entrypoints.tasks.check_indexed`, its
     state kept per task try; done with the ``indexed`` folder as XCom once every update arrived."""
     from airflow.sdk import PokeReturnValue, get_current_context
 
-    from pipelines import tasks
+    from entrypoints import tasks
 
     context = get_current_context()
     with google_cloud_credentials() as project:
@@ -170,7 +170,7 @@ def run_replay(config_path: str) -> Dict[str, int]:
     """The dead-letter replay DAG's task: replays the dead letters its params select."""
     from airflow.sdk import get_current_context
 
-    from pipelines import tasks
+    from entrypoints import tasks
 
     context = get_current_context()
     params = context["params"]
@@ -200,7 +200,7 @@ def run_neighbours(config_path: str) -> str:
     """The visual-similarity DAG's neighbours task."""
     from airflow.sdk import get_current_context
 
-    from pipelines import tasks
+    from entrypoints import tasks
 
     context = get_current_context()
     with google_cloud_credentials() as project:

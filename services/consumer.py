@@ -27,8 +27,8 @@ import tenacity
 from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch
 from elasticsearch import ConnectionError as EsConnectionError
 
-from pipelines.publish import KINDS, RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
-from pipelines.search_index import DEAD_LETTER_MAPPINGS, ensure_index
+from services.publish import KINDS, RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
+from services.search_index import DEAD_LETTER_MAPPINGS, ensure_index
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from typing import Any, Dict
 import pendulum
 from airflow.sdk import Param
 
-from pipelines.config import Publish
+from core.config import Publish
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 
 def run_params() -> Dict[str, Param]:
-    """Params of every DAG that runs stages (read by :func:`pipelines.airflow_entry.run_settings`);
+    """Params of every DAG that runs stages (read by :func:`entrypoints.airflow_entry.run_settings`);
     new ones per DAG, as a DAG owns its params."""
     return {
         "beam_runner": Param(

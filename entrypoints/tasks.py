@@ -12,10 +12,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
-from pipelines import storage
-from pipelines.config import FeatureConfig, load_config
-from pipelines.publish import RabbitConnection
-from pipelines.search_index import EsConnection
+from core import storage
+from core.config import FeatureConfig, load_config
+from services.publish import RabbitConnection
+from services.search_index import EsConnection
 
 if TYPE_CHECKING:
     from pipelines.writeback import Target
@@ -178,8 +178,8 @@ def _target(s: RunSettings, kind: str, source_dir: str) -> Target:
 
 def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
     """Publishes the run's updates of ``kind``; the summary names what ``wait_indexed`` reconciles."""
-    from pipelines.publish import publish_parallel
     from pipelines.writeback import update_messages
+    from services.publish import publish_parallel
 
     target = _target(s, kind, source_dir)
     messages = update_messages(kind, storage.require_complete(source_dir), s.run_id, s.version)
@@ -266,5 +266,5 @@ TASKS: Dict[str, Callable[..., Any]] = {
     "wait_indexed": wait_indexed,
     "report": report,
 }
-"""The stages by the names the DAGs (:func:`pipelines.airflow_entry.run_task`) and the CLI
+"""The stages by the names the DAGs (:func:`entrypoints.airflow_entry.run_task`) and the CLI
 (``prodcat stage NAME``) use; each takes the :class:`RunSettings` and its input folders."""

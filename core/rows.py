@@ -1,0 +1,18 @@
+"""Reading the clean rows a preprocessing run kept (Parquet), for training, evaluation, prediction and reports."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+from core import storage
+
+
+def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048) -> Iterator[Dict[str, Any]]:
+    """Streams the clean rows of a finished preprocessing stage, row group by row group."""
+    import pyarrow.parquet as pq
+
+    storage.require_complete(preprocess_dir)
+    for path in storage.list_files(storage.join(preprocess_dir, "clean"), "*.parquet"):
+        with storage.open_read(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch.to_pylist()

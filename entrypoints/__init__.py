@@ -1,0 +1,1 @@
+"""Entry points: the prodcat CLI, Airflow task functions and their registry, the Airflow plugin."""
