@@ -88,8 +88,12 @@ def start_rabbitmq() -> None:
 
 
 @pytest.fixture(scope="session")
-def es_url() -> str:
-    return start_elasticsearch()
+def es_url():
+    """The tests' stand-in; stopped at the end of the session if this session started it."""
+    started_here = not _port_open(ES_PORT)
+    yield start_elasticsearch()
+    if started_here:
+        stop_elasticsearch()
 
 
 @pytest.fixture(scope="session")
