@@ -207,6 +207,8 @@ def main() -> None:
                 "peak_rss_mb at 1x is the warm run's, the growth run's like"
             ),
         }
+        # written now and again with the growth run: what an interrupted growth run leaves is still measured
+        write_results(NAME, results)
         if args.scaling_factor:
             scaled_dir = WORK / f"catalogue-x{args.scaling_factor}"
             shutil.rmtree(scaled_dir, ignore_errors=True)
@@ -221,10 +223,10 @@ def main() -> None:
                 "note": "copies' titles shuffled with one misspelling, new ids; their images are the originals' "
                 "(symlinks), served by the embedding cache the 1x runs filled, so compare with warm_stages",
             }
+            write_results(NAME, results)
     finally:
         stand_in.stop()
     print(json.dumps(results, indent=1))
-    write_results(NAME, results)
 
 
 if __name__ == "__main__":
