@@ -91,13 +91,14 @@ def task_ends(airflow_home: Path, dag_id: str) -> List[Tuple[str, str, float, fl
 
 def stage_figures(tasks: List[Tuple[str, str, float, float]], samples: List[Tuple[float, int]], prefix: str) -> Dict[str, dict]:
     """``{prefix.task: {"seconds", "peak_rss_mb"}}``: each task from the previous one's end (the first
-    from its start) to its own end, and the largest RSS sample in that span."""
+    from its start) to its own end, and the largest RSS sample in that span (a span shorter than the
+    sampling interval: the first sample after it)."""
     out = {}
     previous = tasks[0][2]
     for task, state, _, end in tasks:
         if state != "success":
             raise RuntimeError(f"{prefix}.{task} ended {state}")
-        in_span = [rss for t, rss in samples if previous <= t <= end]
+        in_span = [rss for t, rss in samples if previous <= t <= end] or [rss for t, rss in samples if t > end][:1]
         out[f"{prefix}.{task}"] = {
             "seconds": round(end - previous, 1),
             "peak_rss_mb": round(max(in_span) / 2**20) if in_span else None,
