@@ -134,7 +134,7 @@ def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, la
     """Both DAGs on ``catalogue`` from a fresh start but for the embedding cache when ``keep_cache``."""
     run = fresh_work_dir(keep_cache)
     data_root = str(run / "data")
-    log_path = run / "airflow.log"
+    log_path = WORK / f"{label}.log"  # kept after the next run resets WORK/run
     stand_in.reset()
     reset_vhost()
     cli = [sys.executable, "-m", "pipelines.cli", "--es-url", stand_in.url, "--rabbit-vhost", VHOST]
