@@ -1,4 +1,4 @@
-.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish
+.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish bench-dag
 
 setup:
 	scripts/setup.sh
@@ -24,7 +24,7 @@ airflow: services
 	scripts/airflow_local.sh
 
 
-benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish
+benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish bench-dag
 
 bench-publish: services
 	.venv/bin/python -m benchmarks.publish
@@ -51,3 +51,9 @@ bench-quality: $(BENCH_RUN)/preprocess/_SUCCESS
 
 bench-neighbours: $(BENCH_RUN)/preprocess/_SUCCESS
 	.venv/bin/python -m benchmarks.neighbours --real $(BENCH_RUN)/preprocess/clean --sizes 10000 100000 1000000
+
+# both DAGs with a consumer, cold and warm embedding cache, then a 3x catalogue; on a private
+# stand-in and data root under .prodcat/bench-dag (SCALING=0: no 3x run)
+SCALING ?= 3
+bench-dag: services
+	.venv/bin/python -m benchmarks.dag --catalogue $(CATALOGUE) --scaling-factor $(SCALING)

@@ -91,12 +91,16 @@ class PrivateStandIn:
     def client(self) -> Elasticsearch:
         return EsConnection(url=self.url).client()
 
-    def fresh(self, documents: int) -> Elasticsearch:
-        """Restarts the stand-in empty, loads ``documents`` products, and returns a client."""
+    def reset(self) -> None:
+        """Restarts the stand-in empty."""
         if self.data.exists():
             self.stop()
             shutil.rmtree(self.data)
         self.start()
+
+    def fresh(self, documents: int) -> Elasticsearch:
+        """Restarts the stand-in empty, loads ``documents`` products, and returns a client."""
+        self.reset()
         es = self.client()
         recreate_index(es, INDEX, PRODUCT_MAPPINGS)
         helpers.bulk(

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -168,6 +169,8 @@ class SearchGroup(beam.DoFn):
     def __init__(self, settings: Neighbours, searchers_dir: Optional[str]):
         self._settings = settings
         self._searchers_dir = searchers_dir
+        self._groups_done = 0
+        self._products_done = 0
 
     def process(self, element: Tuple[str, Iterable[Tuple[str, list]]]) -> Iterator[dict]:
         group, members = element
@@ -181,9 +184,21 @@ class SearchGroup(beam.DoFn):
             with open(os.path.join(target, "group.json"), "w", encoding="utf-8") as f:
                 json.dump({"group": group, "ids": ids}, f)
         Metrics.counter(NAMESPACE, "groups").inc()
+        started = time.monotonic()
         for pid, pairs in search_group(ids, vectors, self._settings, target):
             Metrics.counter(NAMESPACE, "products_with_neighbours").inc()
             yield {"id": pid, "group": group, "neighbours": [{"id": n, "score": s} for n, s in pairs]}
+        self._groups_done += 1
+        self._products_done += len(ids)
+        # one line a group: a few dozen second-level categories in a catalogue
+        log.info(
+            "neighbours: %d groups done (%d products); %r: %d products in %.1f s",
+            self._groups_done,
+            self._products_done,
+            group,
+            len(ids),
+            time.monotonic() - started,
+        )
 
 
 def compute_neighbours(

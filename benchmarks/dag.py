@@ -1,0 +1,234 @@
+"""The whole weekly run, measured: both DAGs (categorisation, then visual neighbours on its
+predictions) with ``airflow dags test`` and a write-back consumer running, on a catalogue:
+
+- cold: an empty image-embedding cache; warm: the same run again with the cache the cold run filled;
+- with ``--scaling-factor``: the warm run on a catalogue that many times the size (the original plus
+  perturbed copies, :mod:`benchmarks.scaled_catalogue`; copies' images reach the embedding cache).
+
+Each run starts from nothing but the cache: its own Elasticsearch stand-in (port 9273, data under
+``.prodcat/bench-dag``) restarted empty and seeded, its own RabbitMQ virtual host recreated, a new
+data root and Airflow home. Stage seconds come from Airflow's task instances: a task's end minus the
+previous task's end, so that a sensor's reschedule waits count. Peak memory per stage: the RSS of
+the ``airflow dags test`` process tree (tasks run inside it), sampled every 0.5 s over the stage.
+
+    python -m benchmarks.dag [--catalogue ../shared/data/fashion] [--scaling-factor 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import psutil
+
+from benchmarks.publish import PrivateStandIn
+from benchmarks.results_file import write_results
+from benchmarks.scaled_catalogue import write_scaled_catalogue
+from pipelines.cli import airflow_env, latest_run
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "dag"
+WORK = REPO / ".prodcat" / "bench-dag"
+ES_PORT = 9273
+VHOST = "prodcat-bench-dag"
+RUN_AFTER = "2026-11-22T00:00:00+00:00"
+DAGS = {"prodcat_categorise": "categorise", "prodcat_visual_neighbours": "visual_neighbours"}
+SAMPLE_EVERY_S = 0.5
+TARGETS = {"cold_s": 300, "warm_s": 150}
+
+
+class RssSampler:
+    """Samples ``(time.time(), RSS bytes)`` of a process and its descendants in a thread."""
+
+    def __init__(self, pid: int, every_s: float):
+        self._process = psutil.Process(pid)
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self.samples: List[Tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = 0
+            with contextlib.suppress(psutil.Error):
+                for p in [self._process, *self._process.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        rss += p.memory_info().rss
+            if rss:
+                self.samples.append((time.time(), rss))
+            self._stop.wait(self._every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def task_ends(airflow_home: Path, dag_id: str) -> List[Tuple[str, str, float, float]]:
+    """``(task, state, start, end)`` (Unix times) of the latest run of ``dag_id``, in task order."""
+    with contextlib.closing(sqlite3.connect(airflow_home / "airflow.db")) as db:
+        rows = db.execute(
+            "SELECT task_id, state, start_date, end_date FROM task_instance WHERE dag_id = ? AND run_id = "
+            "(SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1) ORDER BY end_date",
+            (dag_id, dag_id),
+        ).fetchall()
+
+    def unix(stamp: str) -> float:
+        return datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp()
+
+    return [(task, state, unix(start), unix(end)) for task, state, start, end in rows]
+
+
+def stage_figures(tasks: List[Tuple[str, str, float, float]], samples: List[Tuple[float, int]], prefix: str) -> Dict[str, dict]:
+    """``{prefix.task: {"seconds", "peak_rss_mb"}}``: each task from the previous one's end (the first
+    from its start) to its own end, and the largest RSS sample in that span (a span shorter than the
+    sampling interval: the first sample after it)."""
+    out = {}
+    previous = tasks[0][2]
+    for task, state, _, end in tasks:
+        if state != "success":
+            raise RuntimeError(f"{prefix}.{task} ended {state}")
+        in_span = [rss for t, rss in samples if previous <= t <= end] or [rss for t, rss in samples if t > end][:1]
+        out[f"{prefix}.{task}"] = {
+            "seconds": round(end - previous, 1),
+            "peak_rss_mb": round(max(in_span) / 2**20) if in_span else None,
+        }
+        previous = end
+    return out
+
+
+def reset_vhost() -> None:
+    """The benchmark's RabbitMQ virtual host, recreated empty."""
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "delete_vhost", VHOST], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*ctl, "add_vhost", VHOST], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*ctl, "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"], check=True, stdout=subprocess.DEVNULL)
+
+
+def fresh_work_dir(keep_cache: bool) -> Path:
+    """Empties ``WORK/run`` (data root, Airflow home, logs), keeping the embedding cache if asked."""
+    run = WORK / "run"
+    cache = run / "data" / "embedding_cache"
+    kept = WORK / "embedding_cache.kept"
+    if keep_cache and cache.exists():
+        cache.rename(kept)
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "data").mkdir(parents=True)
+    if keep_cache and kept.exists():
+        kept.rename(cache)
+    shutil.rmtree(kept, ignore_errors=True)
+    return run
+
+
+def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, label: str) -> dict:
+    """Both DAGs on ``catalogue`` from a fresh start but for the embedding cache when ``keep_cache``."""
+    run = fresh_work_dir(keep_cache)
+    data_root = str(run / "data")
+    log_path = WORK / f"{label}.log"  # kept after the next run resets WORK/run
+    stand_in.reset()
+    reset_vhost()
+    cli = [sys.executable, "-m", "pipelines.cli", "--es-url", stand_in.url, "--rabbit-vhost", VHOST]
+    seeded = subprocess.run(
+        [*cli, "seed", "--catalogue", str(catalogue), "--image-base-url", f"file://{catalogue.resolve()}/images"],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    products = json.loads(seeded.stdout)["seeded_products"]
+    env = airflow_env(run / "airflow", data_root, stand_in.url, "127.0.0.1", 5672)
+    env["AIRFLOW_CONN_PRODCAT_RABBITMQ"] = json.dumps(
+        {"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest", "password": "guest", "schema": VHOST}
+    )
+    airflow = str(Path(sys.executable).parent / "airflow")
+    stages: Dict[str, dict] = {}
+    with open(log_path, "w", encoding="utf-8") as log:
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=log, stderr=log)
+        consumer = subprocess.Popen([*cli, "consume"], cwd=REPO, stdout=log, stderr=log)
+        print(f"{label}: {products} products seeded; running the DAGs (log: {log_path})", flush=True)
+        started = time.perf_counter()
+        try:
+            conf = {}
+            for dag_id, short in DAGS.items():
+                proc = subprocess.Popen(
+                    [airflow, "dags", "test", dag_id, RUN_AFTER, "--conf", json.dumps(conf)], env=env, stdout=log, stderr=log
+                )
+                sampler = RssSampler(proc.pid, SAMPLE_EVERY_S)
+                code = proc.wait()
+                sampler.stop()
+                if code:
+                    raise RuntimeError(f"{dag_id} failed (exit {code}); see {log_path}")
+                stages.update(stage_figures(task_ends(run / "airflow", dag_id), sampler.samples, short))
+                folder = latest_run(data_root, dag_id)
+                conf = {"predict_dir": str(folder / "predict"), "preprocess_dir": str(folder / "preprocess")}
+            wall = time.perf_counter() - started
+        finally:
+            consumer.terminate()
+            consumer.wait(timeout=120)
+    for name, figures in stages.items():
+        print(f"  {name:<36} {figures['seconds']:7.1f} s  {figures['peak_rss_mb']} MB", flush=True)
+    print(f"{label}: {wall:.0f} s", flush=True)
+    return {"products": products, "wall_s": round(wall, 1), "stages": stages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--catalogue", default=str(REPO.parent / "shared" / "data" / "fashion"), help="a Myntra-format catalogue folder")
+    parser.add_argument("--scaling-factor", type=int, default=3, help="size of the growth run's catalogue (0: no growth run)")
+    args = parser.parse_args()
+    catalogue = Path(args.catalogue).resolve()
+    stand_in = PrivateStandIn("bench-dag/noida", ES_PORT)
+    try:
+        cold = measured_run(catalogue, stand_in, keep_cache=False, label="cold")
+        warm = measured_run(catalogue, stand_in, keep_cache=True, label="warm")
+        results = {
+            "products": cold["products"],
+            "catalogue": str(catalogue),
+            "cold_s": cold["wall_s"],
+            "warm_s": warm["wall_s"],
+            "targets": TARGETS,
+            "stages": {name: f["seconds"] for name, f in cold["stages"].items()},
+            "warm_stages": {name: f["seconds"] for name, f in warm["stages"].items()},
+            "peak_rss_mb": {name: f["peak_rss_mb"] for name, f in warm["stages"].items()},
+            "measured": (
+                "wall: both `airflow dags test` runs, DAG parsing included, seeding and Airflow's db migrate not; "
+                "stage seconds: Airflow task instances, each from the previous task's end to its own; "
+                f"peak_rss_mb: the `airflow dags test` process tree (tasks run in it, so a stage's peak includes "
+                f"what earlier stages of the DAG left allocated), sampled every {SAMPLE_EVERY_S} s; "
+                "peak_rss_mb at 1x is the warm run's, the growth run's like"
+            ),
+        }
+        # written now and again with the growth run: what an interrupted growth run leaves is still measured
+        write_results(NAME, results)
+        if args.scaling_factor:
+            scaled_dir = WORK / f"catalogue-x{args.scaling_factor}"
+            shutil.rmtree(scaled_dir, ignore_errors=True)
+            write_scaled_catalogue(catalogue, scaled_dir, args.scaling_factor)
+            scaled = measured_run(scaled_dir, stand_in, keep_cache=True, label=f"x{args.scaling_factor}")
+            results["scaling"] = {
+                "factor": args.scaling_factor,
+                "products": scaled["products"],
+                "wall_s": scaled["wall_s"],
+                "stages": scaled["stages"],
+                "images_reused_through_cache": True,
+                "note": "copies' titles shuffled with one misspelling, new ids; their images are the originals' "
+                "(symlinks), served by the embedding cache the 1x runs filled, so compare with warm_stages",
+            }
+            write_results(NAME, results)
+    finally:
+        stand_in.stop()
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
