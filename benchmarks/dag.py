@@ -34,7 +34,7 @@ import psutil
 from benchmarks.publish import PrivateStandIn
 from benchmarks.results_file import write_results
 from benchmarks.scaled_catalogue import write_scaled_catalogue
-from pipelines.cli import airflow_env, latest_run
+from entrypoints.cli import airflow_env, latest_run
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "dag"
@@ -137,7 +137,7 @@ def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, la
     log_path = WORK / f"{label}.log"  # kept after the next run resets WORK/run
     stand_in.reset()
     reset_vhost()
-    cli = [sys.executable, "-m", "pipelines.cli", "--es-url", stand_in.url, "--rabbit-vhost", VHOST]
+    cli = [sys.executable, "-m", "entrypoints.cli", "--es-url", stand_in.url, "--rabbit-vhost", VHOST]
     seeded = subprocess.run(
         [*cli, "seed", "--catalogue", str(catalogue), "--image-base-url", f"file://{catalogue.resolve()}/images"],
         check=True,

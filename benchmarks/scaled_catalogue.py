@@ -10,7 +10,7 @@ import csv
 import random
 from pathlib import Path
 
-from pipelines.catalogue import read_styles
+from services.catalogue import read_styles
 
 
 def perturbed_title(title: str, seed: str) -> str:
