@@ -1,10 +1,11 @@
 """Top-k visual neighbours of each product within its second-level category (ScaNN, cosine).
 
 A Beam pipeline joins the clean rows (embeddings) with each product's group (its predicted,
-rule or true category at ``group_level``), groups by category and searches each group:
-exact (numpy matrix products) below ``brute_force_below`` products, ScaNN partitioned +
-quantised + reordered above it, queries in chunks. Products without a usable embedding get no
-neighbours and are never anyone's neighbour.
+rule or true category at ``group_level``) and groups by category (``GroupByCategory``), searches
+each group (``SearchNeighbours``, which also saves the group's searcher) and writes the records
+(``WriteNeighbours``). A group is searched exactly (numpy matrix products) below
+``brute_force_below`` products, with ScaNN partitioned + quantised + reordered above it, queries
+in chunks. Products without a usable embedding get no neighbours and are never anyone's neighbour.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Beam + TF Transform preprocessing of one dump, driven by ``feature_config.yaml``.
 
-    dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> FetchImages -> EmbedImages (RunInference)
-        -> clean rows -> Parquet (clean raw data + embeddings, for analysis and neighbours)
-                      -> tf.Example -> TFXIO record batches -> TF Transform (analyse on train)
-                      -> transformed/{train,eval,test}-*.tfrecord.gz + transform_fn/
+    dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> WriteDeadLetters
+        -> EmbedImages (fetch, cache, RunInference) -> clean rows
+        -> WriteCleanParquet (clean raw data + embeddings, for analysis and neighbours)
+        -> TransformSplits: tf.Example -> TFXIO record batches -> TF Transform (analyse on train)
+                            -> transformed/{train,eval,test}-*.tfrecord.gz + transform_fn/
 
 Bad records never stop the run: a rejected record goes to ``dead_letters/`` with its
 reason, a degraded one (no usable image) is kept and flagged. Beam counters report both.
