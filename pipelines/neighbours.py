@@ -186,7 +186,8 @@ class SearchGroup(beam.DoFn):
             if self._searchers_dir is not None:
                 target = storage.join(self._searchers_dir, hashlib.sha256(group.encode()).hexdigest()[:16])
                 storage.copy_local_tree(local, target)
-                storage.write_json(storage.join(target, "group.json"), {"group": group, "ids": ids})
+                indexed = [pid for pid, usable in zip(ids, normalise(vectors)[1]) if usable]  # the searcher's rows
+                storage.write_json(storage.join(target, "group.json"), {"group": group, "ids": indexed})
 
 
 class ReadKeyedPredictions(beam.PTransform):

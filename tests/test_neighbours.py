@@ -157,10 +157,10 @@ def test_group_by_category_groups_embeddings_by_predicted_category_and_sets_asid
         )
 
 
-def test_search_neighbours_gives_every_product_a_record_and_saves_each_group_searcher(tmp_path):
+def test_search_neighbours_gives_each_usable_product_a_record_and_saves_each_group_searcher_with_its_ids(tmp_path):
     from services.scann_search import scann_ops_pybind
 
-    members = [("c", [0.0, 1.0]), ("a", [1.0, 0.0]), ("b", [0.8, 0.6])]
+    members = [("c", [0.0, 1.0]), ("a", [1.0, 0.0]), ("b", [0.8, 0.6]), ("b0", [0.0, 0.0])]  # b0: no usable embedding
     alone = {"id": "z", "group": None, "neighbours": []}
     with test_pipeline.TestPipeline() as p:
         groups = {"grouped": p | "Grouped" >> beam.Create([("A > A1", members)]), AssignGroup.ALONE: p | "Alone" >> beam.Create([alone])}
@@ -177,9 +177,10 @@ def test_search_neighbours_gives_every_product_a_record_and_saves_each_group_sea
             ),
         )
     [saved] = (tmp_path / "searchers").iterdir()
-    assert json.loads((saved / "group.json").read_text()) == {"group": "A > A1", "ids": ["a", "b", "c"]}
+    saved_ids = json.loads((saved / "group.json").read_text())
+    assert saved_ids == {"group": "A > A1", "ids": ["a", "b", "c"]}
     found, _ = scann_ops_pybind.load_searcher(str(saved)).search(np.asarray([0.6, 0.8], np.float32), final_num_neighbors=2)
-    assert found.tolist() == [1, 2]  # b, then c, in the ids' order
+    assert [saved_ids["ids"][i] for i in found] == ["b", "c"]
 
 
 def test_write_neighbours_writes_one_gzip_json_line_per_record(tmp_path):
