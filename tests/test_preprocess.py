@@ -221,7 +221,7 @@ def test_transform_splits_analyses_the_train_split_only_and_writes_every_split(t
                 {"name": "title", "kind": "text", "source": "title", "vocab_size": 10, "oov_buckets": 1},
                 {"name": "gender", "kind": "categorical", "source": "gender", "oov_buckets": 1},
             ],
-            "labels": {"levels": 1, "rule_field": "rule_categories", "ground_truth_field": "true_category", "attributes": []},
+            "labels": {"levels": 2, "rule_field": "rule_categories", "ground_truth_field": "true_category", "attributes": []},
         }
     )
 
