@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
 VERSIONS = (1,)  # of the file's layout; a file of another version is refused, not misread
-INPUT_KINDS = ("text", "categorical", "dense", "image")
 MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
-ENCODERS = ("efficientnet_lite0", "keras_resnet50")
+ENCODERS = ("efficientnet_lite0",)
 IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
 TOKENISERS = ("words", "char_ngrams")
@@ -39,6 +38,16 @@ class TextInput:
     ngram_range: Tuple[int, ...] = (1, 1)  # n-gram lengths, in words or in characters
     kind: str = "text"
 
+    def problems(self) -> List[str]:
+        """What is wrong with the record's values, one message each."""
+        out = []
+        if self.tokens not in TOKENISERS:
+            out.append(f"inputs.{self.name}.tokens: must be one of {list(TOKENISERS)}")
+        lengths = self.ngram_range
+        if not (len(lengths) == 2 and 1 <= lengths[0] <= lengths[1]):
+            out.append(f"inputs.{self.name}.ngram_range: must be [min, max] with 1 <= min <= max")
+        return out
+
 
 @dataclasses.dataclass(frozen=True)
 class CategoricalInput:
@@ -50,13 +59,11 @@ class CategoricalInput:
     derive: Optional[str] = None
     kind: str = "categorical"
 
-
-@dataclasses.dataclass(frozen=True)
-class DenseInput:
-    name: str
-    source: str
-    default: float = 0.0
-    kind: str = "dense"
+    def problems(self) -> List[str]:
+        """What is wrong with the record's values, one message each."""
+        if self.derive is not None and self.derive not in DERIVATIONS:
+            return [f"inputs.{self.name}.derive: must be one of {list(DERIVATIONS)}"]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +75,21 @@ class ImageInput:
     weights_path: Optional[str] = None
     fetch_timeout_s: float = 10.0
     fetch_retries: int = 2
-    runtime: str = "onnxruntime"  # efficientnet_lite0 only: "onnxruntime" or "torch" (eager float32)
+    runtime: str = "onnxruntime"  # "onnxruntime" or "torch" (eager float32)
     kind: str = "image"
 
+    def problems(self) -> List[str]:
+        """What is wrong with the record's values, one message each."""
+        out = []
+        if self.encoder not in ENCODERS:
+            out.append(f"inputs.{self.name}.encoder: must be one of {list(ENCODERS)}")
+        if self.runtime not in IMAGE_RUNTIMES:
+            out.append(f"inputs.{self.name}.runtime: must be one of {list(IMAGE_RUNTIMES)}")
+        return out
 
-Input = Union[TextInput, CategoricalInput, DenseInput, ImageInput]
-_INPUT_CLASSES = {"text": TextInput, "categorical": CategoricalInput, "dense": DenseInput, "image": ImageInput}
+
+Input = Union[TextInput, CategoricalInput, ImageInput]
+INPUT_RECORDS = {"text": TextInput, "categorical": CategoricalInput, "image": ImageInput}  # by the YAML's ``kind``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +259,9 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
 
 
 def _build_input(raw: Any, where: str) -> Input:
-    if not isinstance(raw, Mapping) or raw.get("kind") not in INPUT_KINDS:
-        raise ConfigError(f"{where}.kind: must be one of {list(INPUT_KINDS)}")
-    return _build(_INPUT_CLASSES[raw["kind"]], raw, where)
+    if not isinstance(raw, Mapping) or raw.get("kind") not in INPUT_RECORDS:
+        raise ConfigError(f"{where}.kind: must be one of {list(INPUT_RECORDS)}")
+    return _build(INPUT_RECORDS[raw["kind"]], raw, where)
 
 
 def _validate(cfg: FeatureConfig) -> None:
@@ -272,21 +288,7 @@ def _validate(cfg: FeatureConfig) -> None:
         (0 < cfg.model.self_training_min_score <= 1, "model.self_training_min_score: must be in (0, 1]"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
     ]
-    for inp in cfg.inputs:
-        if isinstance(inp, ImageInput):
-            checks.append((inp.encoder in ENCODERS, f"inputs.{inp.name}.encoder: must be one of {list(ENCODERS)}"))
-            checks.append((inp.runtime in IMAGE_RUNTIMES, f"inputs.{inp.name}.runtime: must be one of {list(IMAGE_RUNTIMES)}"))
-        if isinstance(inp, TextInput):
-            checks.append((inp.tokens in TOKENISERS, f"inputs.{inp.name}.tokens: must be one of {list(TOKENISERS)}"))
-            lengths = inp.ngram_range
-            checks.append(
-                (
-                    len(lengths) == 2 and 1 <= lengths[0] <= lengths[1],
-                    f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max",
-                )
-            )
-        if isinstance(inp, CategoricalInput) and inp.derive is not None:
-            checks.append((inp.derive in DERIVATIONS, f"inputs.{inp.name}.derive: must be one of {list(DERIVATIONS)}"))
+    checks += [(False, message) for inp in cfg.inputs for message in inp.problems()]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -12,8 +12,8 @@ from typing import Dict, Mapping
 
 import tensorflow as tf
 
-from core import features
-from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core.config import CategoricalInput, FeatureConfig, ImageInput, TextInput
+from core.inputs import HAS_IMAGE, KINDS, ids_key, weights_key
 
 CATEGORIES = "categories"
 
@@ -82,51 +82,50 @@ def masked_sparse_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tenso
 
 
 def model_inputs(cfg: FeatureConfig) -> Dict[str, tf.keras.Input]:
-    inputs: Dict[str, tf.keras.Input] = {}
+    """The Keras inputs of every transformed feature, as each input's kind defines them."""
+    out: Dict[str, tf.keras.Input] = {}
     for inp in cfg.inputs:
-        if isinstance(inp, TextInput):
-            inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(None,), sparse=True, dtype=tf.int64, name=features.ids_key(inp.name))
-            inputs[features.weights_key(inp.name)] = tf.keras.Input(
-                shape=(None,), sparse=True, dtype=tf.float32, name=features.weights_key(inp.name)
-            )
-        elif isinstance(inp, CategoricalInput):
-            inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.ids_key(inp.name))
-        elif isinstance(inp, DenseInput):
-            inputs[inp.name] = tf.keras.Input(shape=(), dtype=tf.float32, name=inp.name)
-        elif isinstance(inp, ImageInput):
-            inputs[inp.name] = tf.keras.Input(shape=(inp.dim,), dtype=tf.float32, name=inp.name)
-            inputs[features.HAS_IMAGE] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.HAS_IMAGE)
-    return inputs
+        out.update(KINDS[inp.kind].model_inputs(inp))
+    return out
+
+
+def _text_blocks(
+    inp: TextInput, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
+    prefix = "wide" if linear else "deep"
+    size = inp.vocab_size + inp.oov_buckets
+    layer = SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")
+    return [layer([inputs[ids_key(inp.name)], inputs[weights_key(inp.name)]])]
+
+
+def _categorical_blocks(
+    inp: CategoricalInput, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
+    prefix = "wide" if linear else "deep"
+    size = vocab_sizes[inp.name] + inp.oov_buckets
+    dim = width if linear else inp.embedding_dim
+    return [tf.keras.layers.Embedding(size, dim, name=f"{prefix}_{inp.name}_embedding")(inputs[ids_key(inp.name)])]
+
+
+def _image_blocks(
+    inp: ImageInput, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
+    has_image = tf.keras.layers.Reshape((1,))(tf.cast(inputs[HAS_IMAGE], tf.float32))
+    image = inputs[inp.name]
+    if not linear:
+        image = tf.keras.layers.LayerNormalization(name=f"deep_{inp.name}_norm")(image)
+    return [image, has_image]
+
+
+# Per input kind: its transformed features -> learned blocks (``width`` wide when ``linear``).
+BLOCKS = {"text": _text_blocks, "categorical": _categorical_blocks, "image": _image_blocks}
 
 
 def _feature_blocks(
     cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
 ):
     """One tensor per input: a learned projection (``width`` wide when ``linear``)."""
-    prefix = "wide" if linear else "deep"
-    blocks = []
-    for inp in cfg.inputs:
-        if isinstance(inp, TextInput):
-            size = inp.vocab_size + inp.oov_buckets
-            blocks.append(
-                SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")(
-                    [inputs[features.ids_key(inp.name)], inputs[features.weights_key(inp.name)]]
-                )
-            )
-        elif isinstance(inp, CategoricalInput):
-            size = vocab_sizes[inp.name] + inp.oov_buckets
-            dim = width if linear else inp.embedding_dim
-            blocks.append(tf.keras.layers.Embedding(size, dim, name=f"{prefix}_{inp.name}_embedding")(inputs[features.ids_key(inp.name)]))
-        elif isinstance(inp, DenseInput):
-            blocks.append(tf.keras.layers.Reshape((1,))(inputs[inp.name]))
-        elif isinstance(inp, ImageInput):
-            has_image = tf.keras.layers.Reshape((1,))(tf.cast(inputs[features.HAS_IMAGE], tf.float32))
-            image = inputs[inp.name]
-            if not linear:
-                image = tf.keras.layers.LayerNormalization(name=f"{prefix}_{inp.name}_norm")(image)
-            blocks.append(image)
-            blocks.append(has_image)
-    return blocks
+    return [block for inp in cfg.inputs for block in BLOCKS[inp.kind](inp, inputs, vocab_sizes, text_units, linear, width)]
 
 
 def build_model(

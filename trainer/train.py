@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from core import features, storage
-from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core import features, inputs, storage
+from core.config import FeatureConfig
 from core.rows import read_clean_rows
 from core.taxonomy import CategoryTree
 from trainer import serving
@@ -107,24 +107,19 @@ def null_evidence_examples(cfg: FeatureConfig, tft_output, num_categories: int, 
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
-    text_sources = {i.source for i in cfg.inputs if isinstance(i, TextInput)}
+    texts = {i.source: i for i in cfg.inputs_of("text")}
+
+    def vocabulary(name: str) -> List[str]:
+        return [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(name)]
+
     raw: Dict[str, Any] = {}
     for inp in cfg.inputs:
-        if inp.source in raw:
+        # a source that a text input reads gets unknown words, whichever input reads it first
+        owner = texts.get(inp.source, inp)
+        kind = inputs.KINDS[owner.kind]
+        if set(kind.raw_features(owner)) <= set(raw):
             continue
-        if inp.source in text_sources:
-            words = [
-                ["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)
-            ]
-            raw[inp.source] = tf.constant([" ".join(w) for w in words])
-        elif isinstance(inp, CategoricalInput):
-            values = [""] + [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(inp.name)]
-            raw[inp.source] = tf.constant([values[i] for i in rng.integers(0, len(values), size=count)])
-        elif isinstance(inp, DenseInput):
-            raw[inp.source] = tf.fill([count], float(inp.default))
-        elif isinstance(inp, ImageInput):
-            raw[inp.name] = tf.zeros([count, inp.dim])
-            raw[features.HAS_IMAGE] = tf.zeros([count], tf.int64)
+        raw.update({k: tf.constant(v) for k, v in kind.unknown_values(owner, count, rng, vocabulary).items()})
     examples = dict(tft_output.transform_features_layer()(raw))
     for attr in cfg.labels.attributes:
         examples[features.attribute_key(attr.name)] = tf.fill([count], tf.constant(-1, tf.int64))
@@ -263,7 +258,7 @@ def pseudo_labels(
 
 
 def vocabulary_sizes(cfg: FeatureConfig, tft_output) -> Tuple[Dict[str, int], Dict[str, int], Dict[str, list]]:
-    vocab = {i.name: tft_output.vocabulary_size_by_name(i.name) for i in cfg.inputs if isinstance(i, CategoricalInput)}
+    vocab = {i.name: tft_output.vocabulary_size_by_name(i.name) for i in cfg.inputs_of("categorical")}
     attr_vocab = {
         a.name: [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(features.attribute_key(a.name))]
         for a in cfg.labels.attributes
