@@ -136,7 +136,7 @@ def predict(s: RunSettings, evaluation_dir: str, preprocess_dir: str) -> str:
     from trainer.predict import predict_all
 
     out = s.stage("predict")
-    predict_all(s.config(), serving_model_dir(evaluation_dir), preprocess_dir, out)
+    predict_all(s.config(), serving_model_dir(evaluation_dir), preprocess_dir, out, s.run_id)
     return out
 
 

@@ -1,0 +1,134 @@
+"""The review queue (active learning): the products a run is least sure of, for human labelling.
+
+Per category, the products whose model score lies nearest the category's threshold
+(``uncertain``), and per human-labelled category with few examples, the unlabelled products
+nearest its prototype (``few_examples``), each with the model's top guesses. Selection streams
+batch by batch in bounded memory; the run's records (at most ``review.max_per_run``, nearest
+first) land in the predict stage and then in the review index, one document per run and product.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.config import Review
+from pipelines.taxonomy import CategoryTree
+
+log = logging.getLogger(__name__)
+
+REVIEW_FILE = "review.jsonl.gz"
+UNCERTAIN = "uncertain"
+FEW_EXAMPLES = "few_examples"
+
+
+def top_guesses(scores: np.ndarray, tree: CategoryTree, count: int, level: int) -> List[dict]:
+    """The ``count`` best-scoring categories of ``level`` of one product's scores."""
+    cols = np.asarray(tree.level_columns(level))
+    best = cols[np.argsort(-scores[cols], kind="stable")[:count]]
+    return [{"id": tree.ids[j], "score": round(float(scores[j]), 5), "classifier": "model"} for j in best]
+
+
+class ReviewCollector:
+    """Keeps, per (reason, category), the ``per_category`` candidates of smallest distance."""
+
+    def __init__(self, review: Review, tree: CategoryTree, run_id: str, model_version: str):
+        self._review = review
+        self._tree = tree
+        self._run_id = run_id
+        self._model_version = model_version
+        self._best: Dict[Tuple[str, str], List[Tuple[float, str, dict]]] = {}
+
+    def _offer(self, reason: str, category: str, distances: np.ndarray, rows: Sequence[Mapping], make: callable) -> None:
+        if self._review.per_category == 0:
+            return
+        finite = np.flatnonzero(np.isfinite(distances))
+        if not len(finite):
+            return
+        take = finite[np.argsort(distances[finite], kind="stable")[: self._review.per_category]]
+        current = self._best.setdefault((reason, category), [])
+        merged = current + [(float(distances[i]), rows[i]["id"], make(int(i))) for i in take]
+        self._best[(reason, category)] = heapq.nsmallest(self._review.per_category, merged, key=lambda c: (c[0], c[1]))
+
+    def add_batch(
+        self,
+        rows: Sequence[Mapping],
+        raw_scores: np.ndarray,
+        thresholds: np.ndarray,
+        kept: np.ndarray,
+        decided_by: Sequence[str],
+        prototype_similarities: Mapping[str, np.ndarray],
+        title_field: str,
+    ) -> None:
+        """One batch: ``raw_scores`` and ``kept`` labels are ``[B, C]``; ``prototype_similarities``
+        maps each human-labelled category with few examples to the batch's cosines to it."""
+        guesses = self._review.top_guesses
+
+        def make(reason: str, category: str, score: float, threshold: float):
+            def record(i: int) -> dict:
+                return {
+                    "run_id": self._run_id,
+                    "product_id": rows[i]["id"],
+                    "title": rows[i].get(title_field) or "",
+                    "reason": reason,
+                    "category": category,
+                    "score": round(float(score[i]), 5),
+                    "threshold": round(float(threshold), 5),
+                    "decided_by": decided_by[i],
+                    "guesses": top_guesses(raw_scores[i], self._tree, guesses, self._tree.levels),
+                    "model_version": self._model_version,
+                }
+
+            return record
+
+        for j, cid in enumerate(self._tree.ids):
+            distance = np.where(kept[:, j], np.inf, np.abs(raw_scores[:, j] - thresholds[j]))
+            self._offer(UNCERTAIN, cid, distance, rows, make(UNCERTAIN, cid, raw_scores[:, j], thresholds[j]))
+        for cid, sims in prototype_similarities.items():
+            distance = np.where(kept[:, self._tree.index[cid]], np.inf, 1.0 - sims)
+            self._offer(FEW_EXAMPLES, cid, distance, rows, make(FEW_EXAMPLES, cid, sims, np.nan))
+
+    def records(self) -> List[dict]:
+        """At most ``max_per_run`` records, nearest first, one per product (its nearest reason)."""
+        candidates = sorted((c for best in self._best.values() for c in best), key=lambda c: (c[0], c[1]))
+        seen, out = set(), []
+        for distance, pid, record in candidates:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            record["distance"] = round(distance, 5)
+            if not np.isfinite(record["threshold"]):
+                record["threshold"] = None
+            out.append(record)
+            if len(out) >= self._review.max_per_run:
+                break
+        return out
+
+
+def review_doc_id(run_id: str, product_id: str) -> str:
+    """One document per run and product: a rerun of the run overwrites, never duplicates."""
+    return f"{run_id}:{product_id}"
+
+
+def review_actions(index: str, records: Iterable[dict]) -> Iterator[dict]:
+    for r in records:
+        yield {"_index": index, "_id": review_doc_id(r["run_id"], r["product_id"]), "_source": r}
+
+
+def write_review(es, index: str, predict_dir: str) -> int:
+    """Indexes the predict stage's review records into ``index``; returns how many."""
+    from elasticsearch import helpers
+
+    from pipelines.search_index import REVIEW_MAPPINGS, ensure_index
+
+    ensure_index(es, index, REVIEW_MAPPINGS)
+    records = list(storage.read_json_lines(storage.require_complete(predict_dir), REVIEW_FILE))
+    ok, errors = helpers.bulk(es, review_actions(index, records), raise_on_error=False, refresh=True)
+    if errors:
+        raise RuntimeError(f"{len(errors)} review documents were not indexed; first: {errors[0]}")
+    log.info("wrote %d review documents into %s", ok, index)
+    return ok
