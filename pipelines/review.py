@@ -93,20 +93,23 @@ class ReviewCollector:
             self._offer(FEW_EXAMPLES, cid, distance, rows, make(FEW_EXAMPLES, cid, sims, np.nan))
 
     def records(self) -> List[dict]:
-        """At most ``max_per_run`` records, nearest first, one per product (its nearest reason)."""
+        """At most ``max_per_run`` records, nearest first, one per product: its nearest reason,
+        with every reason it was chosen for in ``reasons``."""
         candidates = sorted((c for best in self._best.values() for c in best), key=lambda c: (c[0], c[1]))
-        seen, out = set(), []
+        by_product: Dict[str, dict] = {}
         for distance, pid, record in candidates:
-            if pid in seen:
+            reason = {"reason": record["reason"], "category": record["category"], "distance": round(distance, 5)}
+            if pid in by_product:
+                by_product[pid]["reasons"].append(reason)
                 continue
-            seen.add(pid)
+            if len(by_product) >= self._review.max_per_run:
+                continue
             record["distance"] = round(distance, 5)
             if not np.isfinite(record["threshold"]):
                 record["threshold"] = None
-            out.append(record)
-            if len(out) >= self._review.max_per_run:
-                break
-        return out
+            record["reasons"] = [reason]
+            by_product[pid] = record
+        return list(by_product.values())
 
 
 def review_doc_id(run_id: str, product_id: str) -> str:

@@ -61,6 +61,7 @@ REVIEW_MAPPINGS = {
         "product_id": {"type": "keyword"},
         "title": {"type": "text"},
         "reason": {"type": "keyword"},
+        "reasons": {"properties": {"reason": {"type": "keyword"}, "category": {"type": "keyword"}, "distance": {"type": "float"}}},
         "category": {"type": "keyword"},
         "score": {"type": "float"},
         "threshold": {"type": "float"},
