@@ -11,6 +11,18 @@ NOIDA_DIR="$ROOT/.prodcat/noida"
 es_up() { curl -fsS "http://127.0.0.1:$ES_PORT" >/dev/null 2>&1; }
 rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 
+# Daemons must not inherit the caller's descriptors: one started under `flock LOCK cmd` would
+# hold the shared CPU lock for as long as it lives (RabbitMQ did, wedging every later job).
+without_inherited_fds() {  # command...
+  (
+    for fd in /proc/self/fd/*; do
+      fd="${fd##*/}"
+      if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    exec "$@"
+  )
+}
+
 wait_for() {  # name, check function, seconds
   for _ in $(seq 1 "$3"); do "$2" && return 0; sleep 1; done
   echo "$1 did not come up in $3 s" >&2; return 1
@@ -19,11 +31,11 @@ wait_for() {  # name, check function, seconds
 start() {
   mkdir -p "$NOIDA_DIR"
   if ! es_up; then
-    "$VENV/bin/noida-db" up --data-dir "$NOIDA_DIR" --only elasticsearch --elasticsearch-port "$ES_PORT" >/dev/null 2>&1
+    without_inherited_fds "$VENV/bin/noida-db" up --data-dir "$NOIDA_DIR" --only elasticsearch --elasticsearch-port "$ES_PORT" >/dev/null 2>&1
     wait_for "Elasticsearch stand-in" es_up 60
   fi
   if ! rabbit_up; then
-    rabbitmq-server -detached >/dev/null 2>&1 || true
+    without_inherited_fds rabbitmq-server -detached >/dev/null 2>&1 || true
     wait_for RabbitMQ rabbit_up 120
     rabbitmqctl await_startup >/dev/null 2>&1 || true
   fi
