@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(REPO / ".prodcat" / "bench" / "fewshot"))
     parser.add_argument("--rules", default=str(REPO / "data" / "labelling_rules.yaml"))
     parser.add_argument("--seed", type=int, default=42, help="training seed and seed of the simulated labels")
+    parser.add_argument("--reuse-model", action="store_true", help="use the model a previous call trained into --work-dir")
     args = parser.parse_args()
 
     from trainer.evaluate import evaluate_model
@@ -167,8 +168,11 @@ def main() -> None:
     tree = CategoryTree.from_records(storage.read_json(storage.join(args.preprocess_dir, "categories.json")))
     model_dir = os.path.join(args.work_dir, f"{cfg.model.type}-seed{args.seed}")
     started = time.perf_counter()
-    card = train(cfg, args.preprocess_dir, model_dir, f"bench-fewshot-{args.seed}", "bench")
-    train_seconds = time.perf_counter() - started
+    if args.reuse_model:
+        card = storage.read_json(os.path.join(model_dir, "model_card.json"))
+    else:
+        card = train(cfg, args.preprocess_dir, model_dir, f"bench-fewshot-{args.seed}", "bench")
+    train_seconds = None if args.reuse_model else round(time.perf_counter() - started, 1)
     quality = evaluate_model(cfg, model_dir, args.preprocess_dir)
     model = ServingModel.load(model_dir)
 
@@ -263,7 +267,8 @@ def main() -> None:
             "threshold_margin": cfg.fewshot.threshold_margin,
             "rule_examples": cfg.fewshot.rule_examples,
         },
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": train_seconds,
+        "model_trained_in_this_call": not args.reuse_model,
         "epochs": len(card["history"]["loss"]),
         "embed_seconds": round(embed_seconds, 1),
         "split": {"train": len(train_rows), "test": len(test_rows)},
