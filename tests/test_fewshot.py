@@ -63,7 +63,7 @@ def test_the_nearest_human_prototype_decides_only_for_open_products_above_thresh
             unit(1, 0.2, 0),  # near A1y: decides
             unit(1, 0.2, 0),  # same, but its rule label is already at the finest level
             unit(0.2, 1, 0),  # nearer the rule competitor A2x
-            unit(1, 0, 1.2),  # nearest B1x, but the rules said A: the agreeing A1y, below threshold
+            unit(1, 0, 1.5),  # nearest B1x, but the rules said A: the agreeing A1y, below threshold (0.55)
             unit(1, 1.1, 0.1),  # nearer the competitor than A1y
         ]
     )
