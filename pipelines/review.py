@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class ReviewCollector:
         self._model_version = model_version
         self._best: Dict[Tuple[str, str], List[Tuple[float, str, dict]]] = {}
 
-    def _offer(self, reason: str, category: str, distances: np.ndarray, rows: Sequence[Mapping], make: callable) -> None:
+    def _offer(self, reason: str, category: str, distances: np.ndarray, rows: Sequence[Mapping], make: Callable[[int], dict]) -> None:
         if self._review.per_category == 0:
             return
         finite = np.flatnonzero(np.isfinite(distances))
@@ -68,7 +68,7 @@ class ReviewCollector:
         maps each human-labelled category with few examples to the batch's cosines to it."""
         guesses = self._review.top_guesses
 
-        def make(reason: str, category: str, score: float, threshold: float):
+        def make(reason: str, category: str, score: np.ndarray, threshold: float) -> Callable[[int], dict]:
             def record(i: int) -> dict:
                 return {
                     "run_id": self._run_id,
