@@ -104,6 +104,7 @@ class Labels:
     levels: int
     rule_field: str
     ground_truth_field: str
+    human_field: str = "human_categories"  # documents' field of human labels (imported from CSV); they beat rule labels
     attributes: Tuple[AttributeLabel, ...] = ()
 
 
@@ -135,6 +136,39 @@ class Model:
     null_evidence_share: float = 0.0  # synthetic products with no known token (share of the training examples), negative everywhere
     lazy_adam: bool = False  # sparse gradients update only the batch's rows (faster; cost quality on the benchmark)
     seed: int = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """The metric embedding trained beside the category heads (trainer/model.py) and the k-NN
+    space the prototype classifier and review queue use (trainer/fewshot.py)."""
+
+    dim: int = 128  # learned part, trained with a normalised-softmax proxy loss over the finest level
+    scale: float = 16.0  # inverse temperature of that softmax
+    loss_weight: float = 1.0
+    raw_dim: int = 128  # fixed random projection of each text bag and of the image; 0: learned part only
+    metric_weight: float = 1.0  # weight of the learned part against each raw part in the k-NN space
+
+
+@dataclasses.dataclass(frozen=True)
+class Fewshot:
+    """The prototype classifier over the embedding: categories from human labels, no retraining."""
+
+    min_examples: int = 1  # human-labelled products a category needs for a prototype
+    min_similarity: Optional[float] = None  # cosine to the prototype; null: each category's leave-one-out threshold
+    threshold_margin: float = 0.0  # subtracted from the leave-one-out threshold
+    rule_examples: int = 50  # rule-labelled products per finest-level category whose prototype competes
+
+
+@dataclasses.dataclass(frozen=True)
+class Review:
+    """The review queue (active learning): least certain products per run into an index."""
+
+    index: str = "prodcat-review"
+    max_per_run: int = 1000  # cap on the documents one run writes
+    per_category: int = 5  # products nearest the threshold, per category
+    few_examples_below: int = 5  # categories with fewer human labels than this also send their nearest products
+    top_guesses: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +221,9 @@ class FeatureConfig:
     labels: Labels
     split: Split = Split()
     model: Model = Model()
+    embedding: Embedding = Embedding()
+    fewshot: Fewshot = Fewshot()
+    review: Review = Review()
     neighbours: Neighbours = Neighbours()
     publish: Publish = Publish()
     validation: Validation = Validation()
@@ -269,7 +306,9 @@ def _validate(cfg: FeatureConfig) -> None:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"names used twice (a field is an input or a label, never both): {duplicated}")
-    label_sources = {cfg.labels.rule_field, cfg.labels.ground_truth_field} | {a.source for a in cfg.labels.attributes}
+    label_sources = {cfg.labels.rule_field, cfg.labels.human_field, cfg.labels.ground_truth_field} | {
+        a.source for a in cfg.labels.attributes
+    }
     clash = sorted(label_sources & {i.source for i in cfg.inputs})
     if clash:
         raise ConfigError(f"fields used as both input and label: {clash}")
@@ -286,6 +325,9 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.model.self_training_rounds >= 0, "model.self_training_rounds: must be >= 0"),
         (0 <= cfg.model.null_evidence_share < 1, "model.null_evidence_share: must be in [0, 1)"),
         (0 < cfg.model.self_training_min_score <= 1, "model.self_training_min_score: must be in (0, 1]"),
+        (cfg.embedding.dim > 0 and cfg.embedding.raw_dim >= 0, "embedding: dim must be > 0 and raw_dim >= 0"),
+        (cfg.fewshot.min_examples >= 1, "fewshot.min_examples: must be >= 1"),
+        (cfg.review.max_per_run >= 0 and cfg.review.per_category >= 0, "review: max_per_run and per_category must be >= 0"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
     ]
     checks += [(False, message) for inp in cfg.inputs for message in inp.problems()]
@@ -304,7 +346,17 @@ def parse_config(raw: Any) -> FeatureConfig:
         raise ConfigError(f"config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     if not raw.get("inputs"):
         raise ConfigError("config.inputs: at least one input is required")
-    sections = {"labels": Labels, "split": Split, "model": Model, "neighbours": Neighbours, "publish": Publish, "validation": Validation}
+    sections = {
+        "labels": Labels,
+        "split": Split,
+        "model": Model,
+        "embedding": Embedding,
+        "fewshot": Fewshot,
+        "review": Review,
+        "neighbours": Neighbours,
+        "publish": Publish,
+        "validation": Validation,
+    }
     if "labels" not in raw:
         raise ConfigError("config: missing required key 'labels'")
     cfg = FeatureConfig(

@@ -85,10 +85,19 @@ class ValidateProduct(beam.DoFn):
         self._max_chars = max((i.max_chars for i in cfg.inputs_of("text")), default=2000)
         self._text_sources = {i.source for i in cfg.inputs_of("text")}
         self._unknown_label = Metrics.counter(NAMESPACE, "dropped_rule_label_not_in_tree")
+        self._unknown_human_label = Metrics.counter(NAMESPACE, "dropped_human_label_not_in_tree")
         self._truncated = Metrics.counter(NAMESPACE, "degraded_text_truncated")
 
     def setup(self) -> None:
         self._tree = CategoryTree.from_records(self._tree_records)
+
+    def _known_categories(self, raw: Any, unknown_counter: Any) -> List[str]:
+        """The category ids of a label field that are in the tree; the others are counted and dropped."""
+        values = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+        known = [c for c in values if isinstance(c, str) and c in self._tree]
+        if len(known) != len(values):
+            unknown_counter.inc(len(values) - len(known))
+        return known
 
     def process(self, line: bytes) -> Iterator[Any]:
         try:
@@ -124,14 +133,11 @@ class ValidateProduct(beam.DoFn):
                 row[field] = row[field][: self._max_chars]
         image_url = doc.get(self._cfg.image.source) if self._cfg.image else None
         row["image_url"] = image_url if isinstance(image_url, str) and image_url else ""
-        raw_rules = doc.get(self._cfg.labels.rule_field) or []
-        if not isinstance(raw_rules, list):
-            raw_rules = [raw_rules]
-        rules = [r for r in raw_rules if isinstance(r, str) and r in self._tree]
-        if len(rules) != len(raw_rules):
-            self._unknown_label.inc(len(raw_rules) - len(rules))
-        labels, mask = label_vectors(self._tree, rules)
+        rules = self._known_categories(doc.get(self._cfg.labels.rule_field), self._unknown_label)
+        human = self._known_categories(doc.get(self._cfg.labels.human_field), self._unknown_human_label)
+        labels, mask = label_vectors(self._tree, human or rules)  # human labels beat rule labels
         row[features.RULE_CATEGORIES] = self._tree.closure(rules)
+        row[features.HUMAN_CATEGORIES] = self._tree.closure(human)
         row[features.LABELS] = labels
         row[features.LABEL_MASK] = mask
         split = self._cfg.split
@@ -237,6 +243,7 @@ def clean_parquet_schema(cfg: FeatureConfig, attribute_sources: Sequence[str]) -
         [(f, pa.string()) for f in string_fields]
         + [
             (features.RULE_CATEGORIES, pa.list_(pa.string())),
+            (features.HUMAN_CATEGORIES, pa.list_(pa.string())),
             ("has_image", pa.int64()),
             ("image_embedding", pa.list_(pa.float32())),
         ]

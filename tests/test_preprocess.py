@@ -92,6 +92,38 @@ def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
     assert counters["rejected_invalid_json"] == 1
 
 
+def test_human_labels_replace_rule_labels_as_training_labels_and_unknown_ones_are_counted(cfg):
+    shirts, tshirts = "Apparel > Topwear > Shirts", "Apparel > Topwear > Tshirts"
+    line = json.dumps(doc("20", rule_categories=[tshirts], human_categories=[shirts, "Not > A > Category"])).encode()
+    rules_only = json.dumps(doc("21", rule_categories=[tshirts])).encode()
+    with test_pipeline.TestPipeline() as p:
+        out = p | beam.Create([line, rules_only]) | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid")
+        assert_that(
+            out.valid
+            | beam.Map(
+                lambda r: (
+                    r["id"],
+                    tuple(r["human_categories"]),
+                    tuple(r["rule_categories"]),
+                    tuple(TREE.ids[i] for i, v in enumerate(r["labels"]) if v),
+                )
+            ),
+            equal_to(
+                [
+                    (
+                        "20",
+                        ("Apparel", "Apparel > Topwear", shirts),
+                        ("Apparel", "Apparel > Topwear", tshirts),
+                        ("Apparel", "Apparel > Topwear", shirts),
+                    ),
+                    ("21", (), ("Apparel", "Apparel > Topwear", tshirts), ("Apparel", "Apparel > Topwear", tshirts)),
+                ]
+            ),
+        )
+    counters = {r.key.metric.name: r.committed for r in p.result.metrics().query()["counters"]}
+    assert counters["dropped_human_label_not_in_tree"] == 1
+
+
 def test_labels_add_ancestors_and_mask_unknown_specificity():
     labels, mask = label_vectors(TREE, ["Apparel > Topwear"])
     on = {TREE.ids[i] for i, v in enumerate(labels) if v}

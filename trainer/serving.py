@@ -17,6 +17,8 @@ from core.taxonomy import CategoryTree
 
 SAVED_MODEL = "saved_model"
 MODEL_CARD = "model_card.json"
+EMBEDDING = "embedding"  # output: the k-NN space (trainer/fewshot.py), one L2-normalised row per product
+METRIC_EMBEDDING = "metric_embedding"  # output: its learned part alone
 
 
 def serving_input_specs(cfg: FeatureConfig) -> Dict[str, Any]:
@@ -56,15 +58,20 @@ class ServingModel:
     def thresholds(self) -> np.ndarray:
         return np.asarray(self.card["thresholds"], dtype=np.float32)
 
-    def rule_labels(self, rows: Sequence[Mapping[str, Any]]) -> Optional[np.ndarray]:
-        """The rows' rule labels ``[N, C]`` where the model keeps them in its decisions, else None."""
-        if not self.card["model"].get("keep_rule_labels"):
-            return None
+    def known_labels(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The rows' labels ``[N, C]`` closed under ancestors: human labels where a row has
+        any (they beat rule labels), else its rule labels."""
         y = np.zeros((len(rows), len(self.tree)), dtype=bool)
         for i, row in enumerate(rows):
-            for cid in self.tree.closure([c for c in row.get(features.RULE_CATEGORIES) or [] if c in self.tree]):
+            labels = row.get(features.HUMAN_CATEGORIES) or row.get(features.RULE_CATEGORIES) or []
+            for cid in self.tree.closure([c for c in labels if c in self.tree]):
                 y[i, self.tree.index[cid]] = True
         return y
+
+    def rule_labels(self, rows: Sequence[Mapping[str, Any]]) -> Optional[np.ndarray]:
+        """The rows' known labels (:meth:`known_labels`) where the model keeps them in its
+        decisions, else None."""
+        return self.known_labels(rows) if self.card["model"].get("keep_rule_labels") else None
 
     def predict(self, raw: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import tensorflow as tf

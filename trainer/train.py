@@ -27,7 +27,7 @@ from core.taxonomy import CategoryTree
 from trainer import serving
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
-from trainer.model import CATEGORIES, build_model
+from trainer.model import CATEGORIES, EMBEDDING, METRIC_EMBEDDING, PROXIES, build_model
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def make_dataset(
 
     def parse(records, batch_targets):
         ex = tf.io.parse_example(records, spec)
-        labels = {CATEGORIES: batch_targets}
+        labels = {CATEGORIES: batch_targets, PROXIES: batch_targets}
         for attr in cfg.labels.attributes:
             labels[attr.name] = ex.pop(features.attribute_key(attr.name))
         return ex, labels
@@ -196,6 +196,8 @@ def serving_function(model, tft_output, cfg: FeatureConfig) -> Callable[..., Dic
         outputs = model({k: v for k, v in transformed.items() if k in model_input_names}, training=False)
         return {
             "category_scores": outputs[CATEGORIES],
+            serving.EMBEDDING: outputs[EMBEDDING],
+            serving.METRIC_EMBEDDING: outputs[METRIC_EMBEDDING],
             **{f"{a.name}_probs": outputs[a.name] for a in cfg.labels.attributes},
         }
 
@@ -380,7 +382,7 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     train_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, rule_targets, null)
     eval_ds = make_dataset(cfg, tft_output, transformed_files(preprocess_dir, "eval"), m.batch_size, False, m.train_only_labelled)
     golden = golden_set(cfg, preprocess_dir, tree) if m.threshold_labels == "golden" else None
-    model = build_model(cfg, len(tree), vocab, attr_sizes)
+    model = build_model(cfg, len(tree), vocab, attr_sizes, tree.level_columns(tree.levels))
     model.summary(print_fn=log.info)
     started = time.perf_counter()
     history, fit_seconds = fit(model, train_ds, eval_ds, m.epochs, num_examples + null_count, "fit")
