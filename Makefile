@@ -1,4 +1,4 @@
-.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish bench-dag
+.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish bench-dag bench-fewshot
 
 setup:
 	scripts/setup.sh
@@ -24,7 +24,7 @@ airflow: services
 	scripts/airflow_local.sh
 
 
-benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish bench-dag
+benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish bench-dag bench-fewshot
 
 bench-publish: services
 	.venv/bin/python -m benchmarks.publish
@@ -48,6 +48,10 @@ bench-preprocess: $(BENCH_RUN)/dump/_SUCCESS
 
 bench-quality: $(BENCH_RUN)/preprocess/_SUCCESS
 	.venv/bin/python -m benchmarks.quality --preprocess-dir $(BENCH_RUN)/preprocess
+
+# K = 1, 5, 20 simulated human labels per level-3 category no rule emits; one training run, no retraining
+bench-fewshot: $(BENCH_RUN)/preprocess/_SUCCESS
+	.venv/bin/python -m benchmarks.fewshot --preprocess-dir $(BENCH_RUN)/preprocess
 
 bench-neighbours: $(BENCH_RUN)/preprocess/_SUCCESS
 	.venv/bin/python -m benchmarks.neighbours --real $(BENCH_RUN)/preprocess/clean --sizes 10000 100000 1000000

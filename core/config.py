@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
 VERSIONS = (1,)  # of the file's layout; a file of another version is refused, not misread
-INPUT_KINDS = ("text", "categorical", "dense", "image")
 MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
-ENCODERS = ("efficientnet_lite0", "keras_resnet50")
+ENCODERS = ("efficientnet_lite0",)
 IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
 TOKENISERS = ("words", "char_ngrams")
@@ -39,6 +38,16 @@ class TextInput:
     ngram_range: Tuple[int, ...] = (1, 1)  # n-gram lengths, in words or in characters
     kind: str = "text"
 
+    def problems(self) -> List[str]:
+        """What is wrong with the record's values, one message each."""
+        out = []
+        if self.tokens not in TOKENISERS:
+            out.append(f"inputs.{self.name}.tokens: must be one of {list(TOKENISERS)}")
+        lengths = self.ngram_range
+        if not (len(lengths) == 2 and 1 <= lengths[0] <= lengths[1]):
+            out.append(f"inputs.{self.name}.ngram_range: must be [min, max] with 1 <= min <= max")
+        return out
+
 
 @dataclasses.dataclass(frozen=True)
 class CategoricalInput:
@@ -50,13 +59,11 @@ class CategoricalInput:
     derive: Optional[str] = None
     kind: str = "categorical"
 
-
-@dataclasses.dataclass(frozen=True)
-class DenseInput:
-    name: str
-    source: str
-    default: float = 0.0
-    kind: str = "dense"
+    def problems(self) -> List[str]:
+        """What is wrong with the record's values, one message each."""
+        if self.derive is not None and self.derive not in DERIVATIONS:
+            return [f"inputs.{self.name}.derive: must be one of {list(DERIVATIONS)}"]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +75,21 @@ class ImageInput:
     weights_path: Optional[str] = None
     fetch_timeout_s: float = 10.0
     fetch_retries: int = 2
-    runtime: str = "onnxruntime"  # efficientnet_lite0 only: "onnxruntime" or "torch" (eager float32)
+    runtime: str = "onnxruntime"  # "onnxruntime" or "torch" (eager float32)
     kind: str = "image"
 
+    def problems(self) -> List[str]:
+        """What is wrong with the record's values, one message each."""
+        out = []
+        if self.encoder not in ENCODERS:
+            out.append(f"inputs.{self.name}.encoder: must be one of {list(ENCODERS)}")
+        if self.runtime not in IMAGE_RUNTIMES:
+            out.append(f"inputs.{self.name}.runtime: must be one of {list(IMAGE_RUNTIMES)}")
+        return out
 
-Input = Union[TextInput, CategoricalInput, DenseInput, ImageInput]
-_INPUT_CLASSES = {"text": TextInput, "categorical": CategoricalInput, "dense": DenseInput, "image": ImageInput}
+
+Input = Union[TextInput, CategoricalInput, ImageInput]
+INPUT_RECORDS = {"text": TextInput, "categorical": CategoricalInput, "image": ImageInput}  # by the YAML's ``kind``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +104,7 @@ class Labels:
     levels: int
     rule_field: str
     ground_truth_field: str
+    human_field: str = "human_categories"  # documents' field of human labels (imported from CSV); they beat rule labels
     attributes: Tuple[AttributeLabel, ...] = ()
 
 
@@ -119,6 +136,39 @@ class Model:
     null_evidence_share: float = 0.0  # synthetic products with no known token (share of the training examples), negative everywhere
     lazy_adam: bool = False  # sparse gradients update only the batch's rows (faster; cost quality on the benchmark)
     seed: int = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """The metric embedding trained beside the category heads (trainer/model.py) and the k-NN
+    space the prototype classifier and review queue use (trainer/fewshot.py)."""
+
+    dim: int = 128  # learned part, trained with a normalised-softmax proxy loss over the finest level
+    scale: float = 16.0  # inverse temperature of that softmax
+    loss_weight: float = 1.0
+    raw_dim: int = 128  # fixed random projection of each text bag and of the image; 0: learned part only
+    metric_weight: float = 1.0  # weight of the learned part against each raw part in the k-NN space
+
+
+@dataclasses.dataclass(frozen=True)
+class Fewshot:
+    """The prototype classifier over the embedding: categories from human labels, no retraining."""
+
+    min_examples: int = 1  # human-labelled products a category needs for a prototype
+    min_similarity: Optional[float] = None  # cosine to the prototype; null: each category's leave-one-out threshold
+    threshold_margin: float = 0.0  # subtracted from the leave-one-out threshold
+    rule_examples: int = 50  # rule-labelled products per finest-level category whose prototype competes
+
+
+@dataclasses.dataclass(frozen=True)
+class Review:
+    """The review queue (active learning): least certain products per run into an index."""
+
+    index: str = "prodcat-review"
+    max_per_run: int = 1000  # cap on the documents one run writes
+    per_category: int = 5  # products nearest the threshold, per category
+    few_examples_below: int = 5  # categories with fewer human labels than this also send their nearest products
+    top_guesses: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +221,9 @@ class FeatureConfig:
     labels: Labels
     split: Split = Split()
     model: Model = Model()
+    embedding: Embedding = Embedding()
+    fewshot: Fewshot = Fewshot()
+    review: Review = Review()
     neighbours: Neighbours = Neighbours()
     publish: Publish = Publish()
     validation: Validation = Validation()
@@ -243,9 +296,9 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
 
 
 def _build_input(raw: Any, where: str) -> Input:
-    if not isinstance(raw, Mapping) or raw.get("kind") not in INPUT_KINDS:
-        raise ConfigError(f"{where}.kind: must be one of {list(INPUT_KINDS)}")
-    return _build(_INPUT_CLASSES[raw["kind"]], raw, where)
+    if not isinstance(raw, Mapping) or raw.get("kind") not in INPUT_RECORDS:
+        raise ConfigError(f"{where}.kind: must be one of {list(INPUT_RECORDS)}")
+    return _build(INPUT_RECORDS[raw["kind"]], raw, where)
 
 
 def _validate(cfg: FeatureConfig) -> None:
@@ -253,7 +306,9 @@ def _validate(cfg: FeatureConfig) -> None:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"names used twice (a field is an input or a label, never both): {duplicated}")
-    label_sources = {cfg.labels.rule_field, cfg.labels.ground_truth_field} | {a.source for a in cfg.labels.attributes}
+    label_sources = {cfg.labels.rule_field, cfg.labels.human_field, cfg.labels.ground_truth_field} | {
+        a.source for a in cfg.labels.attributes
+    }
     clash = sorted(label_sources & {i.source for i in cfg.inputs})
     if clash:
         raise ConfigError(f"fields used as both input and label: {clash}")
@@ -270,23 +325,12 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.model.self_training_rounds >= 0, "model.self_training_rounds: must be >= 0"),
         (0 <= cfg.model.null_evidence_share < 1, "model.null_evidence_share: must be in [0, 1)"),
         (0 < cfg.model.self_training_min_score <= 1, "model.self_training_min_score: must be in (0, 1]"),
+        (cfg.embedding.dim > 0 and cfg.embedding.raw_dim >= 0, "embedding: dim must be > 0 and raw_dim >= 0"),
+        (cfg.fewshot.min_examples >= 1, "fewshot.min_examples: must be >= 1"),
+        (cfg.review.max_per_run >= 0 and cfg.review.per_category >= 0, "review: max_per_run and per_category must be >= 0"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
     ]
-    for inp in cfg.inputs:
-        if isinstance(inp, ImageInput):
-            checks.append((inp.encoder in ENCODERS, f"inputs.{inp.name}.encoder: must be one of {list(ENCODERS)}"))
-            checks.append((inp.runtime in IMAGE_RUNTIMES, f"inputs.{inp.name}.runtime: must be one of {list(IMAGE_RUNTIMES)}"))
-        if isinstance(inp, TextInput):
-            checks.append((inp.tokens in TOKENISERS, f"inputs.{inp.name}.tokens: must be one of {list(TOKENISERS)}"))
-            lengths = inp.ngram_range
-            checks.append(
-                (
-                    len(lengths) == 2 and 1 <= lengths[0] <= lengths[1],
-                    f"inputs.{inp.name}.ngram_range: must be [min, max] with 1 <= min <= max",
-                )
-            )
-        if isinstance(inp, CategoricalInput) and inp.derive is not None:
-            checks.append((inp.derive in DERIVATIONS, f"inputs.{inp.name}.derive: must be one of {list(DERIVATIONS)}"))
+    checks += [(False, message) for inp in cfg.inputs for message in inp.problems()]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -302,7 +346,17 @@ def parse_config(raw: Any) -> FeatureConfig:
         raise ConfigError(f"config: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     if not raw.get("inputs"):
         raise ConfigError("config.inputs: at least one input is required")
-    sections = {"labels": Labels, "split": Split, "model": Model, "neighbours": Neighbours, "publish": Publish, "validation": Validation}
+    sections = {
+        "labels": Labels,
+        "split": Split,
+        "model": Model,
+        "embedding": Embedding,
+        "fewshot": Fewshot,
+        "review": Review,
+        "neighbours": Neighbours,
+        "publish": Publish,
+        "validation": Validation,
+    }
     if "labels" not in raw:
         raise ConfigError("config: missing required key 'labels'")
     cfg = FeatureConfig(

@@ -11,23 +11,18 @@ from typing import Callable, Dict, Tuple
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core import inputs
+from core.config import FeatureConfig, TextInput
 
 LABELS = "labels"
 LABEL_MASK = "label_mask"
-HAS_IMAGE = "has_image"
 # the clean rows' column of the rule labels with their ancestors; the documents' field they come from is
 # the config's labels.rule_field. Clean rows are prodcat's own schema, so their readers need no config.
 RULE_CATEGORIES = "rule_categories"
+# the clean rows' column of the human labels with their ancestors (documents' field: labels.human_field);
+# where a product has human labels they replace its rule labels as training labels and kept decisions
+HUMAN_CATEGORIES = "human_categories"
 GENDER_WORDS = r"(men|women|boys|girls|unisex|kids|man|woman)"
-
-
-def ids_key(name: str) -> str:
-    return f"{name}_ids"
-
-
-def weights_key(name: str) -> str:
-    return f"{name}_weights"
 
 
 def attribute_key(name: str) -> str:
@@ -81,15 +76,7 @@ def text_tokens(inp: TextInput, cleaned: tf.Tensor) -> tf.RaggedTensor:
 
 def raw_feature_spec(cfg: FeatureConfig, num_categories: int, with_labels: bool = True) -> Dict[str, tf.io.FixedLenFeature]:
     """The raw (pre-transform) features; without labels it is the serving input."""
-    spec: Dict[str, object] = {}
-    for inp in cfg.inputs:
-        if isinstance(inp, (TextInput, CategoricalInput)):
-            spec[inp.source] = tf.io.FixedLenFeature([], tf.string)
-        elif isinstance(inp, DenseInput):
-            spec[inp.source] = tf.io.FixedLenFeature([], tf.float32)
-        elif isinstance(inp, ImageInput):
-            spec[inp.name] = tf.io.FixedLenFeature([inp.dim], tf.float32)
-            spec[HAS_IMAGE] = tf.io.FixedLenFeature([], tf.int64)
+    spec: Dict[str, object] = {name: feature.feature_spec() for name, feature in inputs.raw_features(cfg).items()}
     if with_labels:
         spec[LABELS] = tf.io.FixedLenFeature([num_categories], tf.float32)
         spec[LABEL_MASK] = tf.io.FixedLenFeature([num_categories], tf.float32)
@@ -98,46 +85,20 @@ def raw_feature_spec(cfg: FeatureConfig, num_categories: int, with_labels: bool 
     return spec
 
 
-def _categorical_values(inp: CategoricalInput, raw: tf.Tensor) -> tf.Tensor:
-    if inp.derive == "brand_from_title":
-        return brand_from_title(clean_text(raw))
-    return tf.strings.strip(tf.strings.lower(raw, encoding="utf-8"))
-
-
 def make_preprocessing_fn(cfg: FeatureConfig) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
-    """The ``preprocessing_fn`` for TF Transform, built from the config's inputs and labels."""
+    """The ``preprocessing_fn`` for TF Transform: each input's kind transforms it, then the labels."""
 
-    def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    def preprocessing_fn(raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         out: Dict[str, tf.Tensor] = {}
         for inp in cfg.inputs:
-            if isinstance(inp, TextInput):
-                text = tf.strings.substr(clean_text(inputs[inp.source]), 0, inp.max_chars, unit="UTF8_CHAR")
-                tokens = text_tokens(inp, text).to_sparse()
-                ids = tft.compute_and_apply_vocabulary(
-                    tokens, top_k=inp.vocab_size, num_oov_buckets=inp.oov_buckets, vocab_filename=inp.name
-                )
-                tfidf_ids, tfidf_weights = tft.tfidf(ids, inp.vocab_size + inp.oov_buckets)
-                out[ids_key(inp.name)] = tfidf_ids
-                out[weights_key(inp.name)] = tfidf_weights
-            elif isinstance(inp, CategoricalInput):
-                out[ids_key(inp.name)] = tft.compute_and_apply_vocabulary(
-                    _categorical_values(inp, inputs[inp.source]),
-                    top_k=inp.top_k,
-                    num_oov_buckets=inp.oov_buckets,
-                    vocab_filename=inp.name,
-                )
-            elif isinstance(inp, DenseInput):
-                out[inp.name] = tft.scale_to_z_score(inputs[inp.source])
-            elif isinstance(inp, ImageInput):
-                out[inp.name] = inputs[inp.name]
-                out[HAS_IMAGE] = inputs[HAS_IMAGE]
-        if LABELS in inputs:
-            out[LABELS] = inputs[LABELS]
-            out[LABEL_MASK] = inputs[LABEL_MASK]
+            out.update(inputs.KINDS[inp.kind].transform(inp, raw))
+        if LABELS in raw:
+            out[LABELS] = raw[LABELS]
+            out[LABEL_MASK] = raw[LABEL_MASK]
         for attr in cfg.labels.attributes:
-            if attr.source not in inputs:
+            if attr.source not in raw:
                 continue
-            values = inputs[attr.source]
+            values = raw[attr.source]
             ids = tft.compute_and_apply_vocabulary(
                 tf.SparseTensor(values.indices, tf.strings.lower(values.values), values.dense_shape),
                 top_k=attr.top_k,

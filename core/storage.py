@@ -69,6 +69,17 @@ def list_files(directory: str, pattern: str = "*") -> list[str]:
     return sorted(m.path for m in result.metadata_list)
 
 
+def copy_local_tree(local_dir: str, directory: str) -> None:
+    """Copies every file under the local folder ``local_dir`` to the same relative path under
+    ``directory`` (local or remote)."""
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            source = os.path.join(root, name)
+            relative = os.path.relpath(source, local_dir).split(os.sep)
+            with open(source, "rb") as src, open_write(join(directory, *relative)) as dst:
+                shutil.copyfileobj(src, dst)
+
+
 def write_json(path: str, value: Any) -> None:
     """Writes ``value`` as JSON to ``path`` through a temporary file and a rename."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"

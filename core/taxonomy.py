@@ -78,6 +78,10 @@ class CategoryTree:
     def level_of(self, category_id: str) -> int:
         return self.nodes[category_id].level
 
+    def level_columns(self, level: int) -> List[int]:
+        """The label indices of the categories at ``level``, in label order."""
+        return [i for i, cid in enumerate(self.ids) if self.nodes[cid].level == level]
+
     def ancestor_matrix(self) -> List[List[int]]:
         """For each label index, the label indices of itself and its ancestors."""
         return [[self.index[a] for a in [cid, *self.ancestors(cid)]] for cid in self.ids]

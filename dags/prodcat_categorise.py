@@ -4,7 +4,9 @@
 Dumps products from Elasticsearch, preprocesses them with Beam + TF Transform, checks the
 data's statistics against the previous good run, trains a
 multi-label model on the rule labels, evaluates it against rule labels and ground truth
-(blessing gate), predicts every product, publishes the predictions to RabbitMQ and waits
+(blessing gate), predicts every product (the prototype classifier adds the categories of human
+labels over the model's embedding), writes the least certain products into the review index,
+publishes the predictions to RabbitMQ and waits
 until the consumer has written them back to Elasticsearch, then writes the run's HTML report
 (the DAG run's "Run report" tab). New predictions update the asset
 `prodcat://predictions`, which starts `prodcat_visual_neighbours`.
@@ -87,6 +89,13 @@ def prodcat_categorise():
         return predict_dir
 
     @task
+    def write_review(predict_dir: str) -> str:
+        """The run's least certain products into the review index (config review.*)."""
+        from entrypoints.airflow_entry import run_task
+
+        return run_task("write_review", CONFIG_PATH, predict_dir)
+
+    @task
     def publish(predict_dir: str) -> str:
         from entrypoints.airflow_entry import run_task
 
@@ -110,7 +119,9 @@ def prodcat_categorise():
 
     preprocessed = preprocess(dump())
     evaluated = evaluate(train(validate_statistics(preprocessed)), preprocessed)
-    wait_indexed(publish(predict(evaluated, preprocessed))) >> report()
+    predicted = predict(evaluated, preprocessed)
+    write_review(predicted)
+    wait_indexed(publish(predicted)) >> report()
 
 
 prodcat_categorise()

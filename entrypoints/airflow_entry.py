@@ -178,6 +178,18 @@ def run_replay(config_path: str) -> Dict[str, int]:
     return tasks.replay_dead_letters(settings, params.get("run_id") or None, params.get("reason_contains") or None)
 
 
+def run_import_labels(config_path: str) -> str:
+    """The label-import DAG's task: imports the CSV its ``csv_path`` param names; returns the
+    stage folder with the counts and bad rows."""
+    from airflow.sdk import get_current_context
+
+    from entrypoints import tasks
+
+    context = get_current_context()
+    with google_cloud_credentials() as project:
+        return tasks.import_labels(run_settings(context, config_path, project), context["params"]["csv_path"])
+
+
 def predictions_folders(context: Mapping[str, Any]) -> Tuple[str, str]:
     """``(preprocess_dir, predict_dir)`` of the predictions to find neighbours for: the params
     of a manual trigger, else the newest triggering event of the predictions asset."""

@@ -32,6 +32,8 @@ STAGES = (
     "train",
     "evaluate",
     "predict",
+    "write_review",
+    "import_labels",
     "publish_predictions",
     "neighbours",
     "publish_neighbours",
@@ -124,6 +126,24 @@ def cmd_stage(args: argparse.Namespace) -> None:
         beam_args=tuple(["--runner=DirectRunner", *args.beam_arg]),
     )
     print(tasks.TASKS[args.stage](settings, *args.paths))
+
+
+def cmd_labels_import(args: argparse.Namespace) -> None:
+    """Imports a CSV of human labels; prints the counts and each bad row with its reason, and
+    exits 1 where some rows were bad (the good ones are imported)."""
+    from core.config import load_config
+    from pipelines.dump import dump_tree
+    from pipelines.human_labels import import_labels
+
+    with open(args.file, encoding="utf-8-sig") as f:
+        text = f.read()
+    es = _es(args).client()
+    summary = import_labels(
+        es, args.products_index, load_config(args.config).labels.human_field, text, dump_tree(es, args.categories_index)
+    )
+    print(json.dumps(summary, indent=1))
+    if summary["bad_rows"]:
+        sys.exit(1)
 
 
 def airflow_env(airflow_home: Path, data_root: str, es_url: str, rabbit_host: str, rabbit_port: int) -> dict:
@@ -346,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--beam-arg", action="append", default=[])
     p.set_defaults(func=cmd_stage)
+
+    labels = sub.add_parser("labels", help="human labels").add_subparsers(dest="labels_command", required=True)
+    p = labels.add_parser("import", help="import a CSV (header: id,category) of human labels into the products index")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_labels_import)
 
     p = sub.add_parser("demo", help="seed, run the whole DAG with a consumer, print a report")
     p.add_argument("--catalogue", default=str(SLICE))

@@ -136,7 +136,33 @@ def predict(s: RunSettings, evaluation_dir: str, preprocess_dir: str) -> str:
     from trainer.predict import predict_all
 
     out = s.stage("predict")
-    predict_all(s.config(), serving_model_dir(evaluation_dir), preprocess_dir, out)
+    predict_all(s.config(), serving_model_dir(evaluation_dir), preprocess_dir, out, s.run_id)
+    return out
+
+
+def write_review(s: RunSettings, predict_dir: str) -> str:
+    """Writes the run's review queue (``review.jsonl.gz`` of the predict stage) into the review
+    index, one document per run and product; returns ``predict_dir``."""
+    from pipelines.review import write_review as write
+
+    write(s.es.client(), s.config().review.index, predict_dir)
+    return predict_dir
+
+
+def import_labels(s: RunSettings, csv_path: str) -> str:
+    """Imports a CSV of human labels into the products index (partial updates of
+    ``labels.human_field``); the counts and bad rows go to the run's ``import_labels`` stage,
+    whose folder it returns."""
+    from pipelines.dump import dump_tree
+    from pipelines.human_labels import import_labels as run_import
+
+    es = s.es.client()
+    with storage.open_read(csv_path) as f:
+        text = f.read().decode("utf-8-sig")
+    summary = run_import(es, s.products_index, s.config().labels.human_field, text, dump_tree(es, s.categories_index))
+    out = s.stage("import_labels")
+    with storage.atomic_stage(out) as tmp:
+        storage.write_json(storage.join(tmp, "summary.json"), {"csv_path": csv_path, **summary})
     return out
 
 
@@ -260,6 +286,8 @@ TASKS: Dict[str, Callable[..., Any]] = {
     "train": train,
     "evaluate": evaluate,
     "predict": predict,
+    "write_review": write_review,
+    "import_labels": import_labels,
     "publish_predictions": publish_predictions,
     "neighbours": neighbours,
     "publish_neighbours": publish_neighbours,

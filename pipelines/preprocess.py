@@ -1,9 +1,10 @@
 """Beam + TF Transform preprocessing of one dump, driven by ``feature_config.yaml``.
 
-    dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> FetchImages -> EmbedImages (RunInference)
-        -> clean rows -> Parquet (clean raw data + embeddings, for analysis and neighbours)
-                      -> tf.Example -> TFXIO record batches -> TF Transform (analyse on train)
-                      -> transformed/{train,eval,test}-*.tfrecord.gz + transform_fn/
+    dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> WriteDeadLetters
+        -> EmbedImages (fetch, cache, RunInference) -> clean rows
+        -> WriteCleanParquet (clean raw data + embeddings, for analysis and neighbours)
+        -> TransformSplits: tf.Example -> TFXIO record batches -> TF Transform (analyse on train)
+                            -> transformed/{train,eval,test}-*.tfrecord.gz + transform_fn/
 
 Bad records never stop the run: a rejected record goes to ``dead_letters/`` with its
 reason, a degraded one (no usable image) is kept and flagged. Beam counters report both.
@@ -25,8 +26,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from core import features, storage
-from core.config import CategoricalInput, FeatureConfig, TextInput
+from core import features, inputs, storage
+from core.config import FeatureConfig
 from core.taxonomy import CategoryTree
 from pipelines import images
 
@@ -79,17 +80,24 @@ class ValidateProduct(beam.DoFn):
         self._cfg = cfg
         self._tree_records = tree_records
         self._string_sources = sorted(
-            {i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))}
-            | {a.source for a in cfg.labels.attributes}
-            | {cfg.labels.ground_truth_field}
+            set(inputs.string_columns(cfg)) | {a.source for a in cfg.labels.attributes} | {cfg.labels.ground_truth_field}
         )
         self._max_chars = max((i.max_chars for i in cfg.inputs_of("text")), default=2000)
         self._text_sources = {i.source for i in cfg.inputs_of("text")}
         self._unknown_label = Metrics.counter(NAMESPACE, "dropped_rule_label_not_in_tree")
+        self._unknown_human_label = Metrics.counter(NAMESPACE, "dropped_human_label_not_in_tree")
         self._truncated = Metrics.counter(NAMESPACE, "degraded_text_truncated")
 
     def setup(self) -> None:
         self._tree = CategoryTree.from_records(self._tree_records)
+
+    def _known_categories(self, raw: Any, unknown_counter: Any) -> List[str]:
+        """The category ids of a label field that are in the tree; the others are counted and dropped."""
+        values = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+        known = [c for c in values if isinstance(c, str) and c in self._tree]
+        if len(known) != len(values):
+            unknown_counter.inc(len(values) - len(known))
+        return known
 
     def process(self, line: bytes) -> Iterator[Any]:
         try:
@@ -125,14 +133,11 @@ class ValidateProduct(beam.DoFn):
                 row[field] = row[field][: self._max_chars]
         image_url = doc.get(self._cfg.image.source) if self._cfg.image else None
         row["image_url"] = image_url if isinstance(image_url, str) and image_url else ""
-        raw_rules = doc.get(self._cfg.labels.rule_field) or []
-        if not isinstance(raw_rules, list):
-            raw_rules = [raw_rules]
-        rules = [r for r in raw_rules if isinstance(r, str) and r in self._tree]
-        if len(rules) != len(raw_rules):
-            self._unknown_label.inc(len(raw_rules) - len(rules))
-        labels, mask = label_vectors(self._tree, rules)
+        rules = self._known_categories(doc.get(self._cfg.labels.rule_field), self._unknown_label)
+        human = self._known_categories(doc.get(self._cfg.labels.human_field), self._unknown_human_label)
+        labels, mask = label_vectors(self._tree, human or rules)  # human labels beat rule labels
         row[features.RULE_CATEGORIES] = self._tree.closure(rules)
+        row[features.HUMAN_CATEGORIES] = self._tree.closure(human)
         row[features.LABELS] = labels
         row[features.LABEL_MASK] = mask
         split = self._cfg.split
@@ -231,13 +236,14 @@ class EmbedImages(beam.PTransform):
 def clean_parquet_schema(cfg: FeatureConfig, attribute_sources: Sequence[str]) -> pa.Schema:
     string_fields = sorted(
         {"id", "split", "image_url", "image_error", "image_hash", cfg.labels.ground_truth_field}
-        | {i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))}
+        | set(inputs.string_columns(cfg))
         | set(attribute_sources)
     )
     return pa.schema(
         [(f, pa.string()) for f in string_fields]
         + [
             (features.RULE_CATEGORIES, pa.list_(pa.string())),
+            (features.HUMAN_CATEGORIES, pa.list_(pa.string())),
             ("has_image", pa.int64()),
             ("image_embedding", pa.list_(pa.float32())),
         ]
@@ -249,23 +255,89 @@ def to_clean_record(row: Dict[str, Any], schema: pa.Schema) -> Dict[str, Any]:
 
 
 def to_raw_example(row: Dict[str, Any], cfg: FeatureConfig) -> Dict[str, Any]:
-    """The instance dict of the raw feature spec: what the model trains and serves on."""
-    example: Dict[str, Any] = {}
-    for inp in cfg.inputs:
-        if isinstance(inp, (TextInput, CategoricalInput)):
-            example[inp.source] = row[inp.source]
-        elif inp.kind == "dense":
-            example[inp.source] = float(row.get(inp.source) or inp.default)
-        elif inp.kind == "image":
-            emb = row["image_embedding"]
-            example[inp.name] = np.asarray(emb if emb is not None else np.zeros(inp.dim), dtype=np.float32)
-            example[features.HAS_IMAGE] = int(row["has_image"])
+    """The instance dict of the raw feature spec: the row's raw inputs (as served) and its labels."""
+    example = inputs.raw_inputs(cfg, row)
     example[features.LABELS] = np.asarray(row[features.LABELS], dtype=np.float32)
     example[features.LABEL_MASK] = np.asarray(row[features.LABEL_MASK], dtype=np.float32)
     for attr in cfg.labels.attributes:
         value = row.get(attr.source) or ""
         example[attr.source] = [value] if value else []
     return example
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Dead letters (``{"reason", "record"}``) -> JSON lines under ``prefix`` (``<prefix>-*.jsonl``)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self._prefix = prefix
+
+    def expand(self, dead: beam.PCollection) -> beam.PCollection:
+        return dead | "Encode" >> beam.Map(lambda d: json.dumps(d, sort_keys=True)) | "Write" >> beam.io.WriteToText(self._prefix, ".jsonl")
+
+
+class WriteCleanParquet(beam.PTransform):
+    """Clean rows -> Parquet files ``<prefix>-*.parquet`` holding the columns of ``schema``."""
+
+    def __init__(self, prefix: str, schema: pa.Schema):
+        super().__init__()
+        self._prefix = prefix
+        self._schema = schema
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        return (
+            rows
+            | "ToCleanRecords" >> beam.Map(to_clean_record, self._schema)
+            | "Write" >> beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet")
+        )
+
+
+class TransformSplits(beam.PTransform):
+    """Clean rows -> raw tf.Examples per split -> TF Transform analysed on the train split only ->
+    ``<out_dir>/transform_fn/`` and ``<out_dir>/transformed/{train,eval,test}-*.tfrecord.gz``.
+
+    Needs an enclosing ``tensorflow_transform.beam.Context`` (its temp dir).
+    """
+
+    def __init__(self, cfg: FeatureConfig, num_categories: int, out_dir: str):
+        super().__init__()
+        self._cfg = cfg
+        self._num_categories = num_categories
+        self._out_dir = out_dir
+
+    def expand(self, rows: beam.PCollection) -> Dict[str, beam.PCollection]:
+        """Returns the names of the transformed files written, by split."""
+        import tensorflow_transform as tft
+        import tensorflow_transform.beam as tft_beam
+        from tensorflow_transform.tf_metadata import schema_utils
+        from tfx_bsl.public import tfxio
+
+        raw_schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(self._cfg, self._num_categories))
+        source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
+        coder = tft.coders.ExampleProtoCoder(raw_schema)
+        by_split = rows | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
+        batches = {
+            name: (
+                by_split[i]
+                | f"ToRawExamples[{name}]" >> beam.Map(to_raw_example, self._cfg)
+                | f"EncodeExamples[{name}]" >> beam.Map(coder.encode)
+                | f"ToRecordBatches[{name}]" >> source.BeamSource()
+            )
+            for i, name in enumerate(SPLITS)
+        }
+        adapter = source.TensorAdapterConfig()
+        transform_fn = (batches["train"], adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(features.make_preprocessing_fn(self._cfg))
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
+        written = {}
+        for name in SPLITS:
+            data, metadata = ((batches[name], adapter), transform_fn) | f"Transform[{name}]" >> tft_beam.TransformDataset()
+            written[name] = (
+                data
+                | f"EncodeTransformed[{name}]" >> beam.Map(tft.coders.ExampleProtoCoder(metadata.schema).encode)
+                | f"WriteTransformed[{name}]"
+                >> beam.io.WriteToTFRecord(storage.join(self._out_dir, "transformed", name), file_name_suffix=".tfrecord.gz")
+            )
+        return written
 
 
 def preprocess(
@@ -276,61 +348,23 @@ def preprocess(
     beam_args: Optional[Sequence[str]] = None,
 ) -> dict:
     """Runs the preprocessing pipeline over a finished dump; returns the summary it wrote."""
-    import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
-    from tensorflow_transform.tf_metadata import schema_utils
-    from tfx_bsl.public import tfxio
 
     from pipelines.dump import read_tree
 
     storage.require_complete(dump_dir)
     tree = read_tree(dump_dir)
-    raw_spec = features.raw_feature_spec(cfg, len(tree))
-    raw_schema = schema_utils.schema_from_feature_spec(raw_spec)
     parquet_schema = clean_parquet_schema(cfg, [a.source for a in cfg.labels.attributes])
-    options = PipelineOptions(list(beam_args or []))
-
     with storage.atomic_stage(out_dir) as tmp:
-        with beam.Pipeline(options=options) as p, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
+        with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as p, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
             lines = p | "ReadDump" >> beam.io.ReadFromText(storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder())
             validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(DEAD, main="valid")
-            _ = (
-                validated[DEAD]
-                | "EncodeDeadLetters" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-                | "WriteDeadLetters" >> beam.io.WriteToText(storage.join(tmp, "dead_letters", "dead"), ".jsonl")
-            )
+            _ = validated[DEAD] | "WriteDeadLetters" >> WriteDeadLetters(storage.join(tmp, "dead_letters", "dead"))
             rows = validated.valid
             if cfg.image is not None:
                 rows = rows | "EmbedImages" >> EmbedImages(cfg, cache_root)
-            _ = (
-                rows
-                | "ToCleanRecords" >> beam.Map(to_clean_record, parquet_schema)
-                | "WriteCleanParquet"
-                >> beam.io.WriteToParquet(storage.join(tmp, "clean", "clean"), parquet_schema, file_name_suffix=".parquet")
-            )
-            source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
-            coder = tft.coders.ExampleProtoCoder(raw_schema)
-            by_split = rows | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
-            batches = {
-                name: (
-                    by_split[i]
-                    | f"ToRawExamples[{name}]" >> beam.Map(to_raw_example, cfg)
-                    | f"EncodeExamples[{name}]" >> beam.Map(coder.encode)
-                    | f"ToRecordBatches[{name}]" >> source.BeamSource()
-                )
-                for i, name in enumerate(SPLITS)
-            }
-            adapter = source.TensorAdapterConfig()
-            transform_fn = (batches["train"], adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(features.make_preprocessing_fn(cfg))
-            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(tmp, "transform_fn"))
-            for name in SPLITS:
-                data, metadata = ((batches[name], adapter), transform_fn) | f"Transform[{name}]" >> tft_beam.TransformDataset()
-                _ = (
-                    data
-                    | f"EncodeTransformed[{name}]" >> beam.Map(tft.coders.ExampleProtoCoder(metadata.schema).encode)
-                    | f"WriteTransformed[{name}]"
-                    >> beam.io.WriteToTFRecord(storage.join(tmp, "transformed", name), file_name_suffix=".tfrecord.gz")
-                )
+            _ = rows | "WriteCleanParquet" >> WriteCleanParquet(storage.join(tmp, "clean", "clean"), parquet_schema)
+            _ = rows | "TransformSplits" >> TransformSplits(cfg, len(tree), tmp)
         counters = beam_counters(p.result, NAMESPACE)
         FileSystems.delete([storage.join(tmp, "tft_tmp")])
         storage.write_json(storage.join(tmp, "categories.json"), tree.to_records())

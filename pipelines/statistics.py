@@ -9,8 +9,8 @@ import logging
 from collections import Counter
 from typing import Dict, List, Optional
 
-from core import storage
-from core.config import CategoricalInput, FeatureConfig, TextInput, Validation
+from core import inputs, storage
+from core.config import FeatureConfig, Validation
 from core.features import RULE_CATEGORIES
 from core.rows import read_clean_rows
 
@@ -34,9 +34,7 @@ def vocabulary_size(preprocess_dir: str, name: str) -> Optional[int]:
 
 def compute_statistics(cfg: FeatureConfig, preprocess_dir: str) -> Dict:
     """Feature and label statistics of a finished preprocessing stage."""
-    sources = sorted(
-        {i.source for i in cfg.inputs if isinstance(i, (TextInput, CategoricalInput))} | {a.source for a in cfg.labels.attributes}
-    )
+    sources = sorted(set(inputs.string_columns(cfg)) | {a.source for a in cfg.labels.attributes})
     missing: Counter = Counter()
     chars: Counter = Counter()
     labels: Counter = Counter()
@@ -52,10 +50,11 @@ def compute_statistics(cfg: FeatureConfig, preprocess_dir: str) -> Dict:
         no_image += not row["has_image"]
     features = {s: {"missing_rate": missing[s] / max(rows, 1), "mean_chars": chars[s] / max(rows, 1)} for s in sources}
     for inp in cfg.inputs:
-        if isinstance(inp, (TextInput, CategoricalInput)):
-            features.setdefault(inp.name, {})["vocabulary_size"] = vocabulary_size(preprocess_dir, inp.name)
-        elif inp.kind == "image":
-            features[inp.name] = {"missing_rate": no_image / max(rows, 1)}
+        vocabulary = inputs.KINDS[inp.kind].vocabulary(inp)
+        if vocabulary is not None:
+            features.setdefault(inp.name, {})["vocabulary_size"] = vocabulary_size(preprocess_dir, vocabulary)
+    if cfg.image is not None:
+        features[cfg.image.name] = {"missing_rate": no_image / max(rows, 1)}
     return {
         "rows": rows,
         "features": features,

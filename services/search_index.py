@@ -25,6 +25,8 @@ PRODUCT_MAPPINGS = {
         "image_url": {"type": "keyword"},
         "true_category": {"type": "keyword"},
         "rule_categories": {"type": "keyword"},
+        "human_categories": {"type": "keyword"},
+        "human_labels_source": {"type": "keyword"},
         "predicted_categories": {
             "properties": {
                 "id": {"type": "keyword"},
@@ -50,6 +52,23 @@ DEAD_LETTER_MAPPINGS = {
         "kind": {"type": "keyword"},
         "reason": {"type": "keyword", "ignore_above": 1024},
         "body": {"type": "text", "index": False},
+    }
+}
+
+REVIEW_MAPPINGS = {
+    "properties": {
+        "run_id": {"type": "keyword"},
+        "product_id": {"type": "keyword"},
+        "title": {"type": "text"},
+        "reason": {"type": "keyword"},
+        "reasons": {"properties": {"reason": {"type": "keyword"}, "category": {"type": "keyword"}, "distance": {"type": "float"}}},
+        "category": {"type": "keyword"},
+        "score": {"type": "float"},
+        "threshold": {"type": "float"},
+        "distance": {"type": "float"},
+        "decided_by": {"type": "keyword"},
+        "guesses": {"properties": {"id": {"type": "keyword"}, "score": {"type": "float"}, "classifier": {"type": "keyword"}}},
+        "model_version": {"type": "keyword"},
     }
 }
 

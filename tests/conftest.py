@@ -118,6 +118,36 @@ def unique() -> str:
     return uuid.uuid4().hex[:8]
 
 
+@pytest.fixture
+def gcs_bucket(monkeypatch):
+    """A bucket on gcp-storage-emulator, reached through the real google-cloud-storage client."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    gcs.Client(project="prodcat-test", credentials=AnonymousCredentials()).create_bucket("prodcat-runs")
+    yield "gs://prodcat-runs"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def fashion_slice() -> Path:
     return REPO / "data" / "fashion_slice"

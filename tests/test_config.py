@@ -43,7 +43,7 @@ def test_unknown_key_names_the_allowed_ones(raw):
 
 def test_unknown_top_level_section_rejected(raw):
     raw["trainer"] = {}
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trainer'\]; allowed: \['inputs', 'labels'"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trainer'\]; allowed: \['embedding', 'fewshot', 'inputs', 'labels'"):
         parse_config(raw)
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 HEAVY = ("tensorflow", "tensorflow_transform", "apache_beam", "torch", "scann", "services.scann_search", "elasticsearch", "pika")
 
 
-DAG_IDS = ("prodcat_categorise", "prodcat_replay_dead_letters", "prodcat_visual_neighbours")
+DAG_IDS = ("prodcat_categorise", "prodcat_import_labels", "prodcat_replay_dead_letters", "prodcat_visual_neighbours")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def test_task_graph(dag):
         "evaluate": ["preprocess", "train"],
         "predict": ["evaluate", "preprocess"],
         "publish": ["predict"],
+        "write_review": ["predict"],
         "wait_indexed": ["publish"],
         "report": ["wait_indexed"],
     }
@@ -75,7 +76,7 @@ def test_schedule_and_run_policy(bag, dag_id):
     assert dag.max_active_runs == 1
     assert "prodcat" in dag.tags and dag.doc_md
     assert all(t.retries == 2 and t.retry_exponential_backoff and t.execution_timeout is not None for t in dag.tasks)
-    schedules = {"prodcat_categorise": "@weekly", "prodcat_replay_dead_letters": None}
+    schedules = {"prodcat_categorise": "@weekly", "prodcat_replay_dead_letters": None, "prodcat_import_labels": None}
     if dag_id in schedules:
         assert dag.schedule == schedules[dag_id]
 
@@ -122,7 +123,7 @@ def test_every_task_name_the_dags_and_the_cli_use_is_registered():
     from entrypoints import airflow_entry, cli, tasks
 
     calls = [call for path in sorted((REPO / "dags").glob("*.py")) for call in entry_point_calls(path)]
-    assert {function for function, _ in calls} == {"run_task", "poke_indexed", "run_replay", "run_neighbours"}
+    assert {function for function, _ in calls} == {"run_task", "poke_indexed", "run_replay", "run_neighbours", "run_import_labels"}
     assert all(callable(getattr(airflow_entry, function)) for function, _ in calls)
     names = {name for function, name in calls if function == "run_task"}
     assert names == {
@@ -132,6 +133,7 @@ def test_every_task_name_the_dags_and_the_cli_use_is_registered():
         "train",
         "evaluate",
         "predict",
+        "write_review",
         "publish_predictions",
         "publish_neighbours",
         "report",
@@ -163,3 +165,15 @@ def test_invalid_params_are_refused(dag, name, value):
     with pytest.raises(ParamValidationError, match=name):
         params[name] = value
         params.validate()
+
+
+def test_the_label_import_dag_needs_a_csv_path_and_calls_its_task(bag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = bag.dags["prodcat_import_labels"]
+    assert [t.task_id for t in dag.tasks] == ["import_labels"]
+    with pytest.raises(ParamValidationError, match="csv_path"):
+        copy.deepcopy(dag.params).validate()
+    params = copy.deepcopy(dag.params)
+    params["csv_path"] = "/tmp/labels.csv"
+    assert params.validate()["csv_path"] == "/tmp/labels.csv"

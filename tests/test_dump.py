@@ -1,11 +1,6 @@
 """The dump: point-in-time + search_after slices into a run folder, local or on GCS (emulator)."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -82,36 +77,6 @@ def test_category_subset_follows_rule_and_predicted_labels_never_the_ground_trut
         es, products, categories, out, FIELDS, page_size=100, query=product_query(CFG.labels.rule_field, ["Footwear", "Apparel > Topwear"])
     )
     assert sorted(dumped_ids(out)) == sorted(product(i)["id"] for i in range(1050) if i % 3 == 0 or i % 5 == 0)
-
-
-@pytest.fixture
-def gcs_bucket(monkeypatch, tmp_path):
-    """A bucket on gcp-storage-emulator, reached through the real google-cloud-storage client."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage as gcs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gcp-storage-emulator"), "start", "--port", str(port), "--in-memory"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    gcs.Client(project="prodcat-test", credentials=AnonymousCredentials()).create_bucket("prodcat-runs")
-    yield "gs://prodcat-runs"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_dump_into_a_gcs_run_folder(es, seeded, gcs_bucket):

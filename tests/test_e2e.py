@@ -21,6 +21,11 @@ from conftest import REPO
 pytestmark = pytest.mark.e2e
 
 
+FLATS = "Footwear > Shoes > Flats"  # a category no rule emits
+LABELLED_FLATS = ("16996", "10270", "20759", "17675")  # human labels imported before the run
+UNLABELLED_FLATS = ("17007", "59052")  # "Rocia Women White Flats", "Carlton London Women ... Toned Flats"
+
+
 def all_docs(es, index):
     es.indices.refresh(index=index)
     return {h["_id"]: h["_source"] for h in helpers.scan(es, index=index, query={"query": {"match_all": {}}})}
@@ -31,6 +36,9 @@ def dag_run(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
     work = tmp_path_factory.mktemp("e2e")
     common = [sys.executable, "-m", "entrypoints.cli", "--es-url", es_url, "--rabbit-vhost", rabbit_vhost.virtual_host]
     subprocess.run(common + ["seed", "--catalogue", str(fashion_slice), "--image-base-url", image_server], check=True, cwd=REPO)
+    labels = work / "labels.csv"
+    labels.write_text("id,category\n" + "".join(f"{pid},{FLATS}\n" for pid in LABELLED_FLATS) + "no-such-product,Footwear\n")
+    imported = subprocess.run(common + ["labels", "import", str(labels)], cwd=REPO, capture_output=True, text=True)
     es = EsConnection(url=es_url).client()
     before = all_docs(es, "products")
     consumer = subprocess.Popen(common + ["consume"], cwd=REPO)
@@ -61,6 +69,7 @@ def dag_run(tmp_path_factory, es_url, rabbit_vhost, image_server, fashion_slice)
         "env": env,
         "printed": printed.getvalue().splitlines(),
         "log": work / "airflow.log",
+        "imported": (imported.returncode, json.loads(imported.stdout)),
     }
 
 
@@ -77,6 +86,35 @@ def test_every_product_has_predictions_with_ancestors_and_scores(dag_run):
             assert all(" > ".join(parts[:i]) in ids for i in range(1, len(parts))), (pid, c["id"], ids)
         assert doc["model_version"] and doc["prediction_version"] > 0
         assert set(doc["predicted_attributes"]) == {"colour", "season", "usage"}
+
+
+def test_human_labels_teach_a_category_no_rule_emits_without_retraining(dag_run):
+    returncode, imported = dag_run["imported"]
+    assert returncode == 1 and imported["products_updated"] == len(LABELLED_FLATS)  # the bad row is reported, the rest imported
+    assert [(b["line"], b["reason"]) for b in imported["bad"]] == [(len(LABELLED_FLATS) + 2, "unknown_id")]
+    after = dag_run["after"]
+    for pid in LABELLED_FLATS:
+        assert after[pid]["human_categories"] == [FLATS]
+        assert FLATS in {c["id"] for c in after[pid]["predicted_categories"]}  # human labels are kept
+    assert any(FLATS in {c["id"] for c in after[pid]["predicted_categories"]} for pid in UNLABELLED_FLATS)
+    summary = json.loads((dag_run["run_dir"] / "predict" / "summary.json").read_text())
+    assert summary["decided_by"].get("prototypes", 0) >= 1 and summary["human_prototypes"] == 1
+
+
+def test_review_index_holds_the_runs_least_certain_products_with_reasons(dag_run):
+    from core.config import load_config
+
+    review = load_config(REPO / "feature_config.yaml").review
+    es = dag_run["es"]
+    es.indices.refresh(index=review.index)
+    hits = list(helpers.scan(es, index=review.index, query={"query": {"match_all": {}}}))
+    assert 0 < len(hits) <= review.max_per_run
+    for hit in hits:
+        doc = hit["_source"]
+        assert hit["_id"] == f"{doc['run_id']}:{doc['product_id']}" and doc["product_id"] in dag_run["after"]
+        assert doc["reason"] in ("uncertain", "few_examples") and doc["category"] and doc["guesses"]
+    # flats has fewer human labels than review.few_examples_below: its nearest products are sent too
+    assert {r["reason"] for h in hits for r in h["_source"]["reasons"]} == {"uncertain", "few_examples"}
 
 
 def test_visual_neighbours_come_from_the_products_own_second_level_category(dag_run):
@@ -195,6 +233,9 @@ def test_report_written_for_both_runs_and_the_airflow_ui_link_resolves_to_it(dag
 def test_quiet_run_prints_one_line_per_task_and_logs_the_rest(dag_run):
     printed = dag_run["printed"]
     tasks = [line.split()[0] for line in printed if line.startswith("  ")]
+    # write_review and publish both follow predict, in either order
+    assert sorted(tasks[6:8]) == ["publish", "write_review"]
+    tasks[6:8] = ["write_review", "publish"]
     assert tasks == [
         "dump",
         "preprocess",
@@ -202,6 +243,7 @@ def test_quiet_run_prints_one_line_per_task_and_logs_the_rest(dag_run):
         "train",
         "evaluate",
         "predict",
+        "write_review",
         "publish",
         "wait_indexed",
         "report",

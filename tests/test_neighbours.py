@@ -1,12 +1,28 @@
-"""Visual neighbours: ScaNN recall against exact search, and the edge cases of a group."""
+"""Visual neighbours: ScaNN recall against exact search, the edge cases of a group, and the
+composite transforms with TestPipeline."""
 
 import dataclasses
+import glob
+import gzip
+import json
 
+import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from core.config import Neighbours
-from pipelines.neighbours import exact_search, normalise, search_group
+from core.taxonomy import CategoryTree
+from pipelines.neighbours import (
+    AssignGroup,
+    GroupByCategory,
+    SearchNeighbours,
+    WriteNeighbours,
+    exact_search,
+    normalise,
+    search_group,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -110,3 +126,69 @@ def test_duplicate_images_find_each_other_and_never_themselves():
     assert found["4"][0] == ("7", pytest.approx(1.0, abs=1e-4))
     assert found["7"][0] == ("4", pytest.approx(1.0, abs=1e-4))
     assert all(pid not in {n for n, _ in v} for pid, v in found.items())
+
+
+TREE = CategoryTree.from_paths([("A", "A1", "A1x"), ("A", "A2", "A2x")])
+
+
+def prediction(pid, category):
+    return pid, {"id": pid, "categories": [{"id": category, "level": 2, "score": 0.9}], "path": [category]}
+
+
+def test_group_by_category_groups_embeddings_by_predicted_category_and_sets_aside_the_rest():
+    def row(pid, embedding):
+        return pid, {"id": pid, "has_image": int(embedding is not None), "image_embedding": embedding, "rule_categories": []}
+
+    rows = [row("p1", [1.0, 0.0]), row("p2", [0.0, 1.0]), row("p3", None), row("p4", [1.0, 1.0]), row("p5", [0.5, 0.5])]
+    predictions = [prediction("p1", "A > A1"), prediction("p2", "A > A1"), prediction("p3", "A > A1"), prediction("p5", "A > A2")]
+    with test_pipeline.TestPipeline() as p:
+        groups = {"rows": p | "Rows" >> beam.Create(rows), "predictions": p | "Predictions" >> beam.Create(predictions)} | GroupByCategory(
+            TREE.to_records(), SETTINGS, "true_category"
+        )
+        assert_that(
+            groups["grouped"] | beam.MapTuple(lambda group, members: (group, sorted(members))),
+            equal_to([("A > A1", [("p1", [1.0, 0.0]), ("p2", [0.0, 1.0])]), ("A > A2", [("p5", [0.5, 0.5])])]),
+            label="grouped",
+        )
+        assert_that(
+            groups[AssignGroup.ALONE],
+            equal_to([{"id": "p3", "group": "A > A1", "neighbours": []}, {"id": "p4", "group": None, "neighbours": []}]),
+            label="alone",
+        )
+
+
+def test_search_neighbours_gives_each_usable_product_a_record_and_saves_each_group_searcher_with_its_ids(tmp_path):
+    from services.scann_search import scann_ops_pybind
+
+    members = [("c", [0.0, 1.0]), ("a", [1.0, 0.0]), ("b", [0.8, 0.6]), ("b0", [0.0, 0.0])]  # b0: no usable embedding
+    alone = {"id": "z", "group": None, "neighbours": []}
+    with test_pipeline.TestPipeline() as p:
+        groups = {"grouped": p | "Grouped" >> beam.Create([("A > A1", members)]), AssignGroup.ALONE: p | "Alone" >> beam.Create([alone])}
+        records = groups | SearchNeighbours(SETTINGS, str(tmp_path / "searchers"))
+        assert_that(
+            records,
+            equal_to(
+                [
+                    {"id": "a", "group": "A > A1", "neighbours": [{"id": "b", "score": 0.8}, {"id": "c", "score": 0.0}]},
+                    {"id": "b", "group": "A > A1", "neighbours": [{"id": "a", "score": 0.8}, {"id": "c", "score": 0.6}]},
+                    {"id": "c", "group": "A > A1", "neighbours": [{"id": "b", "score": 0.6}, {"id": "a", "score": 0.0}]},
+                    alone,
+                ]
+            ),
+        )
+    [saved] = (tmp_path / "searchers").iterdir()
+    saved_ids = json.loads((saved / "group.json").read_text())
+    assert saved_ids == {"group": "A > A1", "ids": ["a", "b", "c"]}
+    found, _ = scann_ops_pybind.load_searcher(str(saved)).search(np.asarray([0.6, 0.8], np.float32), final_num_neighbors=2)
+    assert [saved_ids["ids"][i] for i in found] == ["b", "c"]
+
+
+def test_write_neighbours_writes_one_gzip_json_line_per_record(tmp_path):
+    records = [{"id": "a", "group": "A > A1", "neighbours": [{"id": "b", "score": 0.8}]}, {"id": "z", "group": None, "neighbours": []}]
+    with test_pipeline.TestPipeline() as p:
+        _ = p | beam.Create(records) | WriteNeighbours(str(tmp_path / "neighbours"))
+    lines = [line for path in glob.glob(str(tmp_path / "neighbours-*.jsonl.gz")) for line in gzip.open(path, "rt").read().splitlines()]
+    assert sorted(lines) == [
+        '{"group": "A > A1", "id": "a", "neighbours": [{"id": "b", "score": 0.8}]}',
+        '{"group": null, "id": "z", "neighbours": []}',
+    ]

@@ -1,4 +1,4 @@
-"""Validation DoFn with TestPipeline, and whole preprocessing runs on bad input and reruns."""
+"""Validation DoFn and the composite transforms with TestPipeline, and whole preprocessing runs on bad input and reruns."""
 
 import dataclasses
 import glob
@@ -9,6 +9,7 @@ import threading
 import time
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
@@ -16,9 +17,18 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from core import storage
-from core.config import load_config
+from core.config import load_config, parse_config
 from core.taxonomy import CategoryTree
-from pipelines.preprocess import DEAD, ValidateProduct, label_vectors, preprocess, split_of
+from pipelines.preprocess import (
+    DEAD,
+    TransformSplits,
+    ValidateProduct,
+    WriteCleanParquet,
+    WriteDeadLetters,
+    label_vectors,
+    preprocess,
+    split_of,
+)
 
 from conftest import REPO
 
@@ -80,6 +90,38 @@ def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
     assert counters["dropped_rule_label_not_in_tree"] == 1
     assert counters["degraded_text_truncated"] == 1
     assert counters["rejected_invalid_json"] == 1
+
+
+def test_human_labels_replace_rule_labels_as_training_labels_and_unknown_ones_are_counted(cfg):
+    shirts, tshirts = "Apparel > Topwear > Shirts", "Apparel > Topwear > Tshirts"
+    line = json.dumps(doc("20", rule_categories=[tshirts], human_categories=[shirts, "Not > A > Category"])).encode()
+    rules_only = json.dumps(doc("21", rule_categories=[tshirts])).encode()
+    with test_pipeline.TestPipeline() as p:
+        out = p | beam.Create([line, rules_only]) | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid")
+        assert_that(
+            out.valid
+            | beam.Map(
+                lambda r: (
+                    r["id"],
+                    tuple(r["human_categories"]),
+                    tuple(r["rule_categories"]),
+                    tuple(TREE.ids[i] for i, v in enumerate(r["labels"]) if v),
+                )
+            ),
+            equal_to(
+                [
+                    (
+                        "20",
+                        ("Apparel", "Apparel > Topwear", shirts),
+                        ("Apparel", "Apparel > Topwear", tshirts),
+                        ("Apparel", "Apparel > Topwear", shirts),
+                    ),
+                    ("21", (), ("Apparel", "Apparel > Topwear", tshirts), ("Apparel", "Apparel > Topwear", tshirts)),
+                ]
+            ),
+        )
+    counters = {r.key.metric.name: r.committed for r in p.result.metrics().query()["counters"]}
+    assert counters["dropped_human_label_not_in_tree"] == 1
 
 
 def test_labels_add_ancestors_and_mask_unknown_specificity():
@@ -175,3 +217,69 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
         ).read_bytes()
     clean2 = {r["id"]: r for r in pq.read_table(glob.glob(str(tmp_path / "pre2/clean/*.parquet"))).to_pylist()}
     assert clean2 == by_id
+
+
+def test_write_dead_letters_writes_each_letter_as_one_sorted_json_line(tmp_path):
+    letters = [{"reason": "invalid_json", "record": "{not json"}, {"record": "[1, 2]", "reason": "not_an_object"}]
+    with test_pipeline.TestPipeline() as p:
+        _ = p | beam.Create(letters) | WriteDeadLetters(str(tmp_path / "dead"))
+    lines = [line for path in glob.glob(str(tmp_path / "dead-*.jsonl")) for line in open(path).read().splitlines()]
+    assert sorted(lines) == ['{"reason": "invalid_json", "record": "{not json"}', '{"reason": "not_an_object", "record": "[1, 2]"}']
+
+
+def test_write_clean_parquet_keeps_only_the_schema_columns(tmp_path):
+    schema = pa.schema([("id", pa.string()), ("has_image", pa.int64()), ("image_embedding", pa.list_(pa.float32()))])
+    rows = [
+        {"id": "1", "has_image": 1, "image_embedding": [0.5, 1.0], "labels": [1.0], "split": "train"},
+        {"id": "2", "has_image": 0, "image_embedding": None, "labels": [0.0], "split": "test"},
+    ]
+    with test_pipeline.TestPipeline() as p:
+        _ = p | beam.Create(rows) | WriteCleanParquet(str(tmp_path / "clean"), schema)
+    table = pq.read_table(glob.glob(str(tmp_path / "clean-*.parquet")))
+    assert table.schema.names == ["id", "has_image", "image_embedding"]
+    assert sorted(table.to_pylist(), key=lambda r: r["id"]) == [
+        {"id": "1", "has_image": 1, "image_embedding": [0.5, 1.0]},
+        {"id": "2", "has_image": 0, "image_embedding": None},
+    ]
+
+
+def test_transform_splits_analyses_the_train_split_only_and_writes_every_split(tmp_path):
+    import tensorflow_transform as tft
+    import tensorflow_transform.beam as tft_beam
+
+    cfg = parse_config(
+        {
+            "inputs": [
+                {"name": "title", "kind": "text", "source": "title", "vocab_size": 10, "oov_buckets": 1},
+                {"name": "gender", "kind": "categorical", "source": "gender", "oov_buckets": 1},
+            ],
+            "labels": {"levels": 2, "rule_field": "rule_categories", "ground_truth_field": "true_category", "attributes": []},
+        }
+    )
+
+    def clean(pid, title, gender, split):
+        return {"id": pid, "title": title, "gender": gender, "split": split, "labels": [1.0, 0.0], "label_mask": [1.0, 1.0]}
+
+    rows = [
+        clean("1", "Red Tee", "Men", "train"),
+        clean("2", "red top", "Women", "train"),
+        clean("3", "blue tee", "Girls", "eval"),
+        clean("4", "green hat", "Men", "test"),
+    ]
+    with test_pipeline.TestPipeline() as p, tft_beam.Context(temp_dir=str(tmp_path / "tft_tmp")):
+        _ = p | beam.Create(rows) | TransformSplits(cfg, 2, str(tmp_path))
+    output = tft.TFTransformOutput(str(tmp_path / "transform_fn"))
+    # train only: red (2), then top and tee (1 each, ties by token descending); eval's "blue" and test's words are absent
+    assert output.vocabulary_by_name("title") == [b"red", b"top", b"tee"]
+    assert output.vocabulary_by_name("gender") == [b"women", b"men"]
+    spec = output.transformed_feature_spec()
+
+    def transformed(split):
+        files = glob.glob(str(tmp_path / "transformed" / f"{split}-*.tfrecord.gz"))
+        examples = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+        return sorted((list(e["title_ids"].values.numpy()), int(e["gender_ids"])) for e in examples)
+
+    # OOV (id 3 for the title, 2 for the gender) where a value was not in the train split
+    assert transformed("train") == [([0, 1], 0), ([0, 2], 1)]
+    assert transformed("eval") == [([2, 3], 2)]
+    assert transformed("test") == [([3], 1)]

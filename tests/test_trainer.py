@@ -13,7 +13,17 @@ from core.taxonomy import CategoryTree
 from pipelines.preprocess import label_vectors
 from trainer.hierarchy import category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
-from trainer.model import CATEGORIES, LazyAdam, build_model, masked_binary_crossentropy, masked_sparse_crossentropy
+from trainer.model import (
+    CATEGORIES,
+    EMBEDDING,
+    METRIC_EMBEDDING,
+    PROXIES,
+    LazyAdam,
+    build_model,
+    masked_binary_crossentropy,
+    masked_sparse_crossentropy,
+    proxy_crossentropy,
+)
 from trainer.train import choose_thresholds, pseudo_labels
 
 from conftest import REPO
@@ -34,7 +44,7 @@ def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_typ
         cfg.replace_model(type=model_type, hidden_units=[8]),
         inputs=tuple(dataclasses.replace(i, vocab_size=20) if i.kind == "text" else i for i in cfg.inputs),
     )
-    model = build_model(small, len(TREE), {"brand": 5, "gender": 3}, {"colour": 4, "season": 2, "usage": 3})
+    model = build_model(small, len(TREE), {"brand": 5, "gender": 3}, {"colour": 4, "season": 2, "usage": 3}, TREE.level_columns(3))
     batch = 3
     inputs = {
         **{f"{i.name}_ids": tf.sparse.from_dense(tf.constant([[1, 2], [3, 0], [0, 0]], tf.int64)) for i in cfg.inputs_of("text")},
@@ -51,6 +61,11 @@ def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_typ
     assert out[CATEGORIES].shape == (batch, len(TREE))
     assert out["colour"].shape == (batch, 4)
     assert np.all((out[CATEGORIES].numpy() >= 0) & (out[CATEGORIES].numpy() <= 1))
+    # learned part and k-NN space (learned + raw projections of both text bags and the image) are unit rows
+    assert out[METRIC_EMBEDDING].shape == (batch, small.embedding.dim)
+    assert out[EMBEDDING].shape == (batch, small.embedding.dim + 3 * small.embedding.raw_dim)
+    np.testing.assert_allclose(np.linalg.norm(out[EMBEDDING].numpy(), axis=1), 1.0, rtol=1e-5)
+    assert out[PROXIES].shape == (batch, len(TREE.level_columns(3)))
 
 
 def test_lazy_adam_updates_only_the_rows_of_a_sparse_gradient_and_matches_adam_on_them():
@@ -81,6 +96,17 @@ def test_category_loss_ignores_masked_classes():
     masked = masked_binary_crossentropy(tf.concat([labels, [[1.0, 0.0, 1.0]]], axis=1), pred).numpy()[0]
     assert masked == pytest.approx((-np.log(0.9) - np.log(0.9)) / 2, rel=1e-4)
     assert full > masked
+
+
+def test_proxy_loss_is_the_cross_entropy_of_the_finest_labels_and_zero_without_one():
+    leaves = TREE.level_columns(3)  # A1x, A1y, A2x, B1x
+    labels = truth_matrix(TREE, [["A > A1 > A1y"], ["A > A1"], ["A > A1 > A1x", "A > A2 > A2x"]]).astype(np.float32)
+    target = tf.constant(np.concatenate([labels, np.ones_like(labels)], axis=1))
+    probs = tf.constant([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.5, 0.1, 0.2, 0.2]])
+    loss = proxy_crossentropy(leaves)(target, probs).numpy()
+    assert loss[0] == pytest.approx(-np.log(0.6), rel=1e-5)
+    assert loss[1] == 0.0  # no finest-level label: nothing to pull towards
+    assert loss[2] == pytest.approx(-(np.log(0.5) + np.log(0.2)) / 2, rel=1e-5)  # two leaves share the target
 
 
 def _scores(**by_id):

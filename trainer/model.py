@@ -8,14 +8,17 @@ so the model sits next to TFT's ``transform_features_layer()`` in the exported g
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping, Sequence
 
 import tensorflow as tf
 
-from core import features
-from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core.config import CategoricalInput, FeatureConfig, ImageInput, TextInput
+from core.inputs import HAS_IMAGE, KINDS, ids_key, weights_key
 
 CATEGORIES = "categories"
+EMBEDDING = "embedding"  # the k-NN space: learned metric part and fixed raw projections, L2-normalised
+METRIC_EMBEDDING = "metric_embedding"  # the learned part alone, L2-normalised
+PROXIES = "proxies"  # softmax over the finest-level proxies: the metric-learning output (loss only)
 
 
 class SparseLinear(tf.keras.layers.Layer):
@@ -65,6 +68,52 @@ class LazyAdam(tf.keras.optimizers.Adam):
         variable.scatter_sub(tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))
 
 
+class L2Normalise(tf.keras.layers.Layer):
+    """Rows scaled to unit length (zero rows stay zero)."""
+
+    def call(self, inputs):
+        return tf.math.l2_normalize(inputs, axis=-1, epsilon=1e-12)
+
+
+class ProxySoftmax(tf.keras.layers.Layer):
+    """Normalised softmax over one learned proxy per class: ``softmax(scale * cos(x, proxy))``.
+
+    With a unit-length ``x`` this is the proxy-based metric loss of Zhai & Wu (2019, "Classification
+    is a strong baseline for deep metric learning"): examples of a class are pulled to its proxy
+    and pushed from the others, so cosine between embeddings measures category similarity.
+    """
+
+    def __init__(self, classes: int, scale: float, **kwargs):
+        super().__init__(**kwargs)
+        self.classes = classes
+        self.scale = scale
+
+    def build(self, input_shape):
+        self.proxies = self.add_weight(name="proxies", shape=(input_shape[-1], self.classes), initializer="glorot_uniform", trainable=True)
+
+    def call(self, inputs):
+        return tf.nn.softmax(self.scale * tf.matmul(inputs, tf.math.l2_normalize(self.proxies, axis=0)), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes, "scale": self.scale}
+
+
+def proxy_crossentropy(leaf_columns: Sequence[int]):
+    """The metric loss over the finest-level categories: cross-entropy of :class:`ProxySoftmax`'s
+    output against the product's finest-level labels (several share the target evenly), taken from
+    the category target ``[labels | mask]``; zero for a product without a finest-level label."""
+    columns = tf.constant(list(leaf_columns), dtype=tf.int32)
+
+    def loss(y_true_and_mask: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        labels, _mask = tf.split(y_true_and_mask, 2, axis=-1)
+        leaves = tf.gather(labels, columns, axis=-1)
+        count = tf.reduce_sum(leaves, axis=-1, keepdims=True)
+        target = leaves / tf.maximum(count, 1.0)
+        return -tf.reduce_sum(target * tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0)), axis=-1)
+
+    return loss
+
+
 def masked_binary_crossentropy(y_true_and_mask: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     """BCE averaged over the known classes. ``y_true_and_mask`` is ``[labels | mask]``."""
     labels, mask = tf.split(y_true_and_mask, 2, axis=-1)
@@ -82,51 +131,74 @@ def masked_sparse_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tenso
 
 
 def model_inputs(cfg: FeatureConfig) -> Dict[str, tf.keras.Input]:
-    inputs: Dict[str, tf.keras.Input] = {}
+    """The Keras inputs of every transformed feature, as each input's kind defines them."""
+    out: Dict[str, tf.keras.Input] = {}
     for inp in cfg.inputs:
-        if isinstance(inp, TextInput):
-            inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(None,), sparse=True, dtype=tf.int64, name=features.ids_key(inp.name))
-            inputs[features.weights_key(inp.name)] = tf.keras.Input(
-                shape=(None,), sparse=True, dtype=tf.float32, name=features.weights_key(inp.name)
-            )
-        elif isinstance(inp, CategoricalInput):
-            inputs[features.ids_key(inp.name)] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.ids_key(inp.name))
-        elif isinstance(inp, DenseInput):
-            inputs[inp.name] = tf.keras.Input(shape=(), dtype=tf.float32, name=inp.name)
-        elif isinstance(inp, ImageInput):
-            inputs[inp.name] = tf.keras.Input(shape=(inp.dim,), dtype=tf.float32, name=inp.name)
-            inputs[features.HAS_IMAGE] = tf.keras.Input(shape=(), dtype=tf.int64, name=features.HAS_IMAGE)
-    return inputs
+        out.update(KINDS[inp.kind].model_inputs(inp))
+    return out
+
+
+def _text_blocks(
+    inp: TextInput, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
+    prefix = "wide" if linear else "deep"
+    size = inp.vocab_size + inp.oov_buckets
+    layer = SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")
+    return [layer([inputs[ids_key(inp.name)], inputs[weights_key(inp.name)]])]
+
+
+def _categorical_blocks(
+    inp: CategoricalInput, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
+    prefix = "wide" if linear else "deep"
+    size = vocab_sizes[inp.name] + inp.oov_buckets
+    dim = width if linear else inp.embedding_dim
+    return [tf.keras.layers.Embedding(size, dim, name=f"{prefix}_{inp.name}_embedding")(inputs[ids_key(inp.name)])]
+
+
+def _image_blocks(
+    inp: ImageInput, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+):
+    has_image = tf.keras.layers.Reshape((1,))(tf.cast(inputs[HAS_IMAGE], tf.float32))
+    image = inputs[inp.name]
+    if not linear:
+        image = tf.keras.layers.LayerNormalization(name=f"deep_{inp.name}_norm")(image)
+    return [image, has_image]
+
+
+# Per input kind: its transformed features -> learned blocks (``width`` wide when ``linear``).
+BLOCKS = {"text": _text_blocks, "categorical": _categorical_blocks, "image": _image_blocks}
 
 
 def _feature_blocks(
     cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
 ):
     """One tensor per input: a learned projection (``width`` wide when ``linear``)."""
-    prefix = "wide" if linear else "deep"
-    blocks = []
-    for inp in cfg.inputs:
-        if isinstance(inp, TextInput):
-            size = inp.vocab_size + inp.oov_buckets
-            blocks.append(
-                SparseLinear(size, width if linear else text_units, name=f"{prefix}_{inp.name}_tfidf")(
-                    [inputs[features.ids_key(inp.name)], inputs[features.weights_key(inp.name)]]
-                )
-            )
-        elif isinstance(inp, CategoricalInput):
-            size = vocab_sizes[inp.name] + inp.oov_buckets
-            dim = width if linear else inp.embedding_dim
-            blocks.append(tf.keras.layers.Embedding(size, dim, name=f"{prefix}_{inp.name}_embedding")(inputs[features.ids_key(inp.name)]))
-        elif isinstance(inp, DenseInput):
-            blocks.append(tf.keras.layers.Reshape((1,))(inputs[inp.name]))
-        elif isinstance(inp, ImageInput):
-            has_image = tf.keras.layers.Reshape((1,))(tf.cast(inputs[features.HAS_IMAGE], tf.float32))
-            image = inputs[inp.name]
-            if not linear:
-                image = tf.keras.layers.LayerNormalization(name=f"{prefix}_{inp.name}_norm")(image)
-            blocks.append(image)
-            blocks.append(has_image)
-    return blocks
+    return [block for inp in cfg.inputs for block in BLOCKS[inp.kind](inp, inputs, vocab_sizes, text_units, linear, width)]
+
+
+def _text_raw_projection(inp: TextInput, inputs: Mapping[str, tf.Tensor], dim: int) -> tf.Tensor:
+    bag = [inputs[ids_key(inp.name)], inputs[weights_key(inp.name)]]
+    layer = SparseLinear(inp.vocab_size + inp.oov_buckets, dim, trainable=False, name=f"raw_{inp.name}_projection")
+    return L2Normalise(name=f"raw_{inp.name}")(layer(bag))
+
+
+def _image_raw_projection(inp: ImageInput, inputs: Mapping[str, tf.Tensor], dim: int) -> tf.Tensor:
+    layer = tf.keras.layers.Dense(dim, use_bias=False, trainable=False, name=f"raw_{inp.name}_projection")
+    return L2Normalise(name=f"raw_{inp.name}")(layer(inputs[inp.name]))
+
+
+# Per input kind with a raw projection in the k-NN space (categoricals have none).
+RAW_PROJECTIONS = {"text": _text_raw_projection, "image": _image_raw_projection}
+
+
+def raw_projections(cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], dim: int) -> List[tf.Tensor]:
+    """Fixed (never trained) random projections of each text input's TF-IDF bag and of the image
+    embedding to ``dim`` values, each L2-normalised: they keep what the labels never name (a word
+    such as "flats", the look of a clutch) for the k-NN space. None where ``dim`` is 0."""
+    if dim == 0:
+        return []
+    return [RAW_PROJECTIONS[inp.kind](inp, inputs, dim) for inp in cfg.inputs if inp.kind in RAW_PROJECTIONS]
 
 
 def build_model(
@@ -134,11 +206,14 @@ def build_model(
     num_categories: int,
     vocab_sizes: Mapping[str, int],
     attribute_sizes: Mapping[str, int],
+    leaf_columns: Sequence[int],
 ) -> tf.keras.Model:
-    """The model named by ``cfg.model.type``: ``linear``, ``ffn`` or ``wide_deep``.
+    """The model named by ``cfg.model.type``: ``linear``, ``ffn`` or ``wide_deep``, with the
+    metric embedding (``cfg.embedding``) beside the category and attribute heads.
 
     ``vocab_sizes``: categorical input name -> vocabulary size (without OOV buckets);
-    ``attribute_sizes``: attribute name -> number of classes.
+    ``attribute_sizes``: attribute name -> number of classes; ``leaf_columns``: the category
+    columns of the finest level, the classes of the metric loss.
     """
     m = cfg.model
     inputs = model_inputs(cfg)
@@ -163,11 +238,23 @@ def build_model(
     outputs[CATEGORIES] = tf.keras.layers.Activation("sigmoid", name=CATEGORIES)(total)
     for attr in cfg.labels.attributes:
         outputs[attr.name] = tf.keras.layers.Dense(attribute_sizes[attr.name], activation="softmax", name=attr.name)(hidden)
+    e = cfg.embedding
+    metric = L2Normalise(name=METRIC_EMBEDDING)(tf.keras.layers.Dense(e.dim, name="metric_projection")(hidden))
+    outputs[METRIC_EMBEDDING] = metric
+    outputs[PROXIES] = ProxySoftmax(len(leaf_columns), e.scale, name=PROXIES)(metric)
+    raw = raw_projections(cfg, inputs, e.raw_dim)
+    outputs[EMBEDDING] = L2Normalise(name=EMBEDDING)(
+        tf.keras.layers.Concatenate(name="embedding_parts")([tf.keras.layers.Rescaling(e.metric_weight)(metric), *raw]) if raw else metric
+    )
     model = tf.keras.Model(inputs=inputs, outputs=outputs)
-    losses = {CATEGORIES: masked_binary_crossentropy, **{a.name: masked_sparse_crossentropy for a in cfg.labels.attributes}}
+    losses = {
+        CATEGORIES: masked_binary_crossentropy,
+        PROXIES: proxy_crossentropy(leaf_columns),
+        **{a.name: masked_sparse_crossentropy for a in cfg.labels.attributes},
+    }
     # The category loss is a mean over hundreds of mostly-negative classes: weighted up so that
     # the attribute heads' softmax losses do not dominate the shared layers.
-    weights = {CATEGORIES: m.category_loss_weight, **{a.name: 1.0 for a in cfg.labels.attributes}}
+    weights = {CATEGORIES: m.category_loss_weight, PROXIES: e.loss_weight, **{a.name: 1.0 for a in cfg.labels.attributes}}
     optimizer = (LazyAdam if m.lazy_adam else tf.keras.optimizers.Adam)(learning_rate=m.learning_rate)
     model.compile(optimizer=optimizer, loss=losses, loss_weights=weights)
     return model

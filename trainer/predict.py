@@ -5,19 +5,24 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from typing import Dict, Iterator, List, Sequence, Tuple
+from collections import Counter
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from core import storage
+from core import features, storage
 from core.config import FeatureConfig
 from core.rows import read_clean_rows
+from trainer.fewshot import Matches, Prototypes, apply_matches, build_prototypes, decided_by, group_examples, match
 from trainer.hierarchy import best_path, category_entries, decide
-from trainer.serving import ServingModel, raw_batch
+from trainer.review import REVIEW_FILE, ReviewCollector
+from trainer.serving import EMBEDDING, ServingModel, raw_batch
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl.gz"
+EMBEDDINGS_FILE = "embeddings.f16"  # float16 rows, one per prediction line, dim in summary.json
+PROTOTYPES_FILE = "prototypes.json"
 
 
 def score_batches(
@@ -46,29 +51,130 @@ def attribute_predictions(model: ServingModel, outputs: Dict[str, np.ndarray], i
     return out
 
 
-def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir: str, batch_size: int = 1024) -> dict:
-    """Writes one JSON line per product: categories (with ancestors and scores) and attributes."""
+def prototype_examples(
+    cfg: FeatureConfig, model: ServingModel, preprocess_dir: str, batch_size: int
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Embeddings of the human-labelled products by their deepest human category, and of up to
+    ``fewshot.rule_examples`` rule-labelled products per finest-level category (the competitors)."""
+    tree = model.tree
+    taken: Counter = Counter()
+    chosen: List[Tuple[bool, str, dict]] = []  # (human?, category, row)
+    for row in read_clean_rows(preprocess_dir):
+        human_ids = [c for c in row.get(features.HUMAN_CATEGORIES) or [] if c in tree]
+        finest = [c for c in row.get(features.RULE_CATEGORIES) or [] if c in tree and tree.level_of(c) == tree.levels]
+        if human_ids:
+            chosen.append((True, max(human_ids, key=tree.level_of), row))
+        elif len(finest) == 1 and taken[finest[0]] < cfg.fewshot.rule_examples:
+            taken[finest[0]] += 1
+            chosen.append((False, finest[0], row))
+    embeddings = [
+        model.predict(raw_batch(cfg, [r for _, _, r in chosen[i : i + batch_size]]))[EMBEDDING] for i in range(0, len(chosen), batch_size)
+    ]
+    flat = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), dtype=np.float32)
+    human = group_examples(flat, [c if h else None for h, c, _ in chosen])
+    rules = group_examples(flat, [None if h else c for h, c, _ in chosen])
+    return human, rules
+
+
+def load_prototypes(cfg: FeatureConfig, model: ServingModel, preprocess_dir: str, batch_size: int) -> Prototypes:
+    f = cfg.fewshot
+    human, rules = prototype_examples(cfg, model, preprocess_dir, batch_size)
+    return build_prototypes(human, rules, f.min_examples, f.min_similarity, f.threshold_margin)
+
+
+def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir: str, run_id: str, batch_size: int = 1024) -> dict:
+    """Writes one JSON line per product: categories (with ancestors and scores), which classifier
+    decided the finest level, the nearest human-labelled prototype, and attributes; each product's
+    embedding (float16 rows in the same order, :func:`read_embeddings`); the prototypes; and the
+    run's review queue (:mod:`pipelines.review`)."""
     model = ServingModel.load(model_dir)
+    tree = model.tree
     attribute_names = [a.name for a in cfg.labels.attributes]
-    count = 0
+    prototypes = load_prototypes(cfg, model, preprocess_dir, batch_size)
+    few = [j for j, (h, n) in enumerate(zip(prototypes.human, prototypes.counts)) if h and n < cfg.review.few_examples_below]
+    review = ReviewCollector(cfg.review, tree, run_id, model.card["model_version"])
+    finest = tree.level_columns(tree.levels)
+    title_field = next(i.source for i in cfg.inputs_of("text"))
+    count, dim, by = 0, 0, Counter()
     with storage.atomic_stage(out_dir) as tmp:
-        with storage.open_write(storage.join(tmp, PREDICTIONS_FILE)) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        with (
+            storage.open_write(storage.join(tmp, PREDICTIONS_FILE)) as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f,
+            storage.open_write(storage.join(tmp, EMBEDDINGS_FILE)) as emb_out,
+        ):
             for rows, outputs in score_batches(cfg, model, read_clean_rows(preprocess_dir), batch_size):
-                positive, closed = decide(outputs["category_scores"], model.thresholds, model.tree, model.rule_labels(rows))
+                known = model.known_labels(rows)
+                kept = known if model.card["model"].get("keep_rule_labels") else None
+                raw_scores = outputs["category_scores"]
+                positive, closed = decide(raw_scores, model.thresholds, tree, kept)
+                model_finest = positive[:, finest].any(axis=1)
+                matches = match(prototypes, outputs[EMBEDDING], known, tree)
+                positive, closed = apply_matches(positive, closed, matches, prototypes, tree)
+                human_finest = np.array(
+                    [any(tree.level_of(c) == tree.levels for c in r.get(features.HUMAN_CATEGORIES) or [] if c in tree) for r in rows]
+                )
+                decided = decided_by(matches, human_finest, known[:, finest].any(axis=1) & ~human_finest, model_finest)
+                by.update(decided)
+                sims = outputs[EMBEDDING] @ prototypes.vectors[few].T if few else np.zeros((len(rows), 0))
+                review.add_batch(
+                    rows,
+                    raw_scores,
+                    model.thresholds,
+                    known,
+                    decided,
+                    {prototypes.categories[j]: sims[:, k] for k, j in enumerate(few)},
+                    title_field,
+                )
                 for i, row in enumerate(rows):
                     record = {
                         "id": row["id"],
                         "model_version": model.card["model_version"],
-                        "categories": category_entries(closed[i], positive[i], model.tree),
-                        "path": [model.tree.ids[j] for j in best_path(closed[i], model.tree)],
+                        "categories": category_entries(closed[i], positive[i], tree),
+                        "path": [tree.ids[j] for j in best_path(closed[i], tree)],
+                        "decided_by": decided[i],
+                        "prototype": prototype_entry(matches, prototypes, i),
                         "attributes": attribute_predictions(model, outputs, i, attribute_names),
                     }
                     f.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
                     count += 1
-        summary = {"products": count, "model_version": model.card["model_version"]}
+                embeddings = outputs[EMBEDDING].astype(np.float16)
+                dim = embeddings.shape[1]
+                emb_out.write(embeddings.tobytes())
+        review_records = review.records()
+        with storage.open_write(storage.join(tmp, REVIEW_FILE)) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            for r in review_records:
+                f.write(json.dumps(r, sort_keys=True).encode("utf-8") + b"\n")
+        storage.write_json(storage.join(tmp, PROTOTYPES_FILE), prototypes.to_json())
+        summary = {
+            "products": count,
+            "model_version": model.card["model_version"],
+            "embedding_dim": dim,
+            "decided_by": dict(sorted(by.items())),
+            "human_prototypes": len(prototypes.human_categories),
+            "review_records": len(review_records),
+        }
         storage.write_json(storage.join(tmp, "summary.json"), summary)
-    log.info("predicted %d products with model %s", count, model.card["model_version"])
+    log.info("predicted %d products with model %s: %s", count, model.card["model_version"], summary)
     return summary
+
+
+def prototype_entry(matches: Matches, prototypes: Prototypes, i: int) -> Optional[dict]:
+    """The product's nearest human-labelled prototype: its category, cosine and threshold."""
+    if matches.category[i] < 0:
+        return None
+    return {
+        "category": prototypes.categories[matches.category[i]],
+        "similarity": round(float(matches.similarity[i]), 5),
+        "threshold": round(float(matches.threshold[i]), 5),
+        "decided": bool(matches.decides[i]),
+    }
+
+
+def read_embeddings(predict_dir: str) -> np.ndarray:
+    """The predict stage's embeddings ``[products, dim]`` (float16), in the order of its predictions."""
+    dim = storage.read_json(storage.join(storage.require_complete(predict_dir), "summary.json"))["embedding_dim"]
+    with storage.open_read(storage.join(predict_dir, EMBEDDINGS_FILE)) as f:
+        return np.frombuffer(f.read(), dtype=np.float16).reshape(-1, dim) if dim else np.zeros((0, 0), dtype=np.float16)
 
 
 def read_predictions(predict_dir: str) -> Iterator[dict]:

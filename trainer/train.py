@@ -20,14 +20,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from core import features, storage
-from core.config import CategoricalInput, DenseInput, FeatureConfig, ImageInput, TextInput
+from core import features, inputs, storage
+from core.config import FeatureConfig
 from core.rows import read_clean_rows
 from core.taxonomy import CategoryTree
 from trainer import serving
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
-from trainer.model import CATEGORIES, build_model
+from trainer.model import CATEGORIES, EMBEDDING, METRIC_EMBEDDING, PROXIES, build_model
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def make_dataset(
 
     def parse(records, batch_targets):
         ex = tf.io.parse_example(records, spec)
-        labels = {CATEGORIES: batch_targets}
+        labels = {CATEGORIES: batch_targets, PROXIES: batch_targets}
         for attr in cfg.labels.attributes:
             labels[attr.name] = ex.pop(features.attribute_key(attr.name))
         return ex, labels
@@ -107,24 +107,19 @@ def null_evidence_examples(cfg: FeatureConfig, tft_output, num_categories: int, 
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
-    text_sources = {i.source for i in cfg.inputs if isinstance(i, TextInput)}
+    texts = {i.source: i for i in cfg.inputs_of("text")}
+
+    def vocabulary(name: str) -> List[str]:
+        return [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(name)]
+
     raw: Dict[str, Any] = {}
     for inp in cfg.inputs:
-        if inp.source in raw:
+        # a source that a text input reads gets unknown words, whichever input reads it first
+        owner = texts.get(inp.source, inp)
+        kind = inputs.KINDS[owner.kind]
+        if set(kind.raw_features(owner)) <= set(raw):
             continue
-        if inp.source in text_sources:
-            words = [
-                ["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size=3)) for _ in range(rng.integers(1, 5))] for _ in range(count)
-            ]
-            raw[inp.source] = tf.constant([" ".join(w) for w in words])
-        elif isinstance(inp, CategoricalInput):
-            values = [""] + [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(inp.name)]
-            raw[inp.source] = tf.constant([values[i] for i in rng.integers(0, len(values), size=count)])
-        elif isinstance(inp, DenseInput):
-            raw[inp.source] = tf.fill([count], float(inp.default))
-        elif isinstance(inp, ImageInput):
-            raw[inp.name] = tf.zeros([count, inp.dim])
-            raw[features.HAS_IMAGE] = tf.zeros([count], tf.int64)
+        raw.update({k: tf.constant(v) for k, v in kind.unknown_values(owner, count, rng, vocabulary).items()})
     examples = dict(tft_output.transform_features_layer()(raw))
     for attr in cfg.labels.attributes:
         examples[features.attribute_key(attr.name)] = tf.fill([count], tf.constant(-1, tf.int64))
@@ -201,6 +196,8 @@ def serving_function(model, tft_output, cfg: FeatureConfig) -> Callable[..., Dic
         outputs = model({k: v for k, v in transformed.items() if k in model_input_names}, training=False)
         return {
             "category_scores": outputs[CATEGORIES],
+            serving.EMBEDDING: outputs[EMBEDDING],
+            serving.METRIC_EMBEDDING: outputs[METRIC_EMBEDDING],
             **{f"{a.name}_probs": outputs[a.name] for a in cfg.labels.attributes},
         }
 
@@ -263,7 +260,7 @@ def pseudo_labels(
 
 
 def vocabulary_sizes(cfg: FeatureConfig, tft_output) -> Tuple[Dict[str, int], Dict[str, int], Dict[str, list]]:
-    vocab = {i.name: tft_output.vocabulary_size_by_name(i.name) for i in cfg.inputs if isinstance(i, CategoricalInput)}
+    vocab = {i.name: tft_output.vocabulary_size_by_name(i.name) for i in cfg.inputs_of("categorical")}
     attr_vocab = {
         a.name: [v.decode() if isinstance(v, bytes) else v for v in tft_output.vocabulary_by_name(features.attribute_key(a.name))]
         for a in cfg.labels.attributes
@@ -385,7 +382,7 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     train_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, rule_targets, null)
     eval_ds = make_dataset(cfg, tft_output, transformed_files(preprocess_dir, "eval"), m.batch_size, False, m.train_only_labelled)
     golden = golden_set(cfg, preprocess_dir, tree) if m.threshold_labels == "golden" else None
-    model = build_model(cfg, len(tree), vocab, attr_sizes)
+    model = build_model(cfg, len(tree), vocab, attr_sizes, tree.level_columns(tree.levels))
     model.summary(print_fn=log.info)
     started = time.perf_counter()
     history, fit_seconds = fit(model, train_ds, eval_ds, m.epochs, num_examples + null_count, "fit")
