@@ -12,11 +12,9 @@ classifier without retraining.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from airflow.sdk import Param, dag, task
 
-from entrypoints.dag_defaults import CONFIG_PATH, START_DATE, default_args
+from entrypoints.dag_defaults import CONFIG_PATH, operations_dag_args
 
 PARAMS = {
     "csv_path": Param(type="string", minLength=1, description="The CSV of labels (local path or gs://), header id,category."),
@@ -25,14 +23,9 @@ PARAMS = {
 
 @dag(
     dag_id="prodcat_import_labels",
-    schedule=None,
-    start_date=START_DATE,
-    catchup=False,
-    max_active_runs=1,
-    tags=["prodcat", "operations"],
     params=PARAMS,
     doc_md=__doc__,
-    default_args=default_args(execution_timeout=timedelta(hours=1)),
+    **operations_dag_args(),
 )
 def prodcat_import_labels():
     @task

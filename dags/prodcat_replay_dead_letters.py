@@ -10,11 +10,9 @@ index keeps the history of every dead letter.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from airflow.sdk import Param, dag, task
 
-from entrypoints.dag_defaults import CONFIG_PATH, START_DATE, default_args
+from entrypoints.dag_defaults import CONFIG_PATH, operations_dag_args
 
 PARAMS = {
     "run_id": Param(None, type=["null", "string"], description="Only the dead letters of this run (default: all)."),
@@ -26,14 +24,9 @@ PARAMS = {
 
 @dag(
     dag_id="prodcat_replay_dead_letters",
-    schedule=None,
-    start_date=START_DATE,
-    catchup=False,
-    max_active_runs=1,
-    tags=["prodcat", "operations"],
     params=PARAMS,
     doc_md=__doc__,
-    default_args=default_args(execution_timeout=timedelta(hours=1)),
+    **operations_dag_args(),
 )
 def prodcat_replay_dead_letters():
     @task

@@ -43,6 +43,19 @@ def default_args(execution_timeout: timedelta) -> Dict[str, Any]:
     }
 
 
+def operations_dag_args() -> Dict[str, Any]:
+    """``@dag`` arguments of the manual operations DAGs (replay, label import): triggered by hand
+    with params, one run at a time, an hour a task."""
+    return {
+        "schedule": None,
+        "start_date": START_DATE,
+        "catchup": False,
+        "max_active_runs": 1,
+        "tags": ["prodcat", "operations"],
+        "default_args": default_args(execution_timeout=timedelta(hours=1)),
+    }
+
+
 def wait_indexed_limits(publish: Publish) -> Dict[str, Any]:
     """Arguments of a ``wait_indexed`` sensor, from the config's publish settings (as the CLI's
     ``wait_indexed`` uses them): it pokes every ``reconcile_poke_s`` without holding a worker slot and
