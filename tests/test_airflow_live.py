@@ -182,6 +182,7 @@ def test_rest_trigger_then_clearing_training_reruns_it_and_downstream_to_the_sam
         "report",
         "train",
         "wait_indexed",
+        "write_review",
     ]
     deadline = time.monotonic() + 60
     while airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"] == "success" and time.monotonic() < deadline:
