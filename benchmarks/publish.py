@@ -120,26 +120,29 @@ def purge(rabbit: RabbitConnection, *queues: str) -> None:
     connection.close()
 
 
+def consumer_command(es_url: str, config: Path, rate_limit: float) -> List[str]:
+    """The ``prodcat consume`` command line of the benchmark's consumers."""
+    return [
+        sys.executable,
+        "-m",
+        "entrypoints.cli",
+        "--es-url",
+        es_url,
+        "--products-index",
+        INDEX,
+        "--config",
+        str(config),
+        "consume",
+        "--rate-limit",
+        str(rate_limit),
+    ]
+
+
 def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_exit_s: float = 3.0) -> List[dict]:
     """Runs ``processes`` consumers until the queue stays empty; returns each one's stats."""
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "entrypoints.cli",
-                "--es-url",
-                es_url,
-                "--products-index",
-                INDEX,
-                "--config",
-                str(config),
-                "consume",
-                "--rate-limit",
-                str(rate_limit),
-                "--idle-exit-s",
-                str(idle_exit_s),
-            ],
+            [*consumer_command(es_url, config, rate_limit), "--idle-exit-s", str(idle_exit_s)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -191,20 +194,7 @@ def rate_limit_check(
     n = int(setting * 20)
     publish_parallel(rabbit, queues["queue"], queues["dead_letter_queue"], updates("predictions", n, version), 2)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "entrypoints.cli",
-            "--es-url",
-            es_url,
-            "--products-index",
-            INDEX,
-            "--config",
-            str(config),
-            "consume",
-            "--rate-limit",
-            str(setting),
-        ],
+        consumer_command(es_url, config, setting),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
