@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List
 
+import psutil
 import yaml
 from elasticsearch import Elasticsearch, helpers
 
@@ -91,6 +93,15 @@ class PrivateStandIn:
     def client(self) -> Elasticsearch:
         return EsConnection(url=self.url).client()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the running stand-in process so far."""
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if "start" in cmdline and str(self.data) in cmdline:
+                times = proc.cpu_times()
+                return times.user + times.system
+        raise RuntimeError(f"no stand-in process serves {self.data}")
+
     def reset(self) -> None:
         """Restarts the stand-in empty."""
         if self.data.exists():
@@ -138,6 +149,11 @@ def consumer_command(es_url: str, config: Path, rate_limit: float) -> List[str]:
     ]
 
 
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_exit_s: float = 3.0) -> List[dict]:
     """Runs ``processes`` consumers until the queue stays empty; returns each one's stats."""
     procs = [
@@ -153,7 +169,9 @@ def consume(es_url: str, config: Path, processes: int, rate_limit: float, idle_e
     return [json.loads(proc.communicate(timeout=3600)[0].strip().splitlines()[-1]) for proc in procs]
 
 
-def consumed_row(kind: str, processes: int, stats: List[dict]) -> dict:
+def consumed_row(kind: str, processes: int, stats: List[dict], cpu: Dict[str, float]) -> dict:
+    """One consuming row; ``cpu``: CPU seconds of the consumers (start-up and idle exit included)
+    and of the stand-in over the same processes' lifetime, against the row's seconds."""
     docs = sum(s["applied"] + s["noop"] for s in stats)
     seconds = max(s["last_ack_at"] for s in stats) - min(s["first_message_at"] for s in stats)
     return {
@@ -162,6 +180,9 @@ def consumed_row(kind: str, processes: int, stats: List[dict]) -> dict:
         "documents": docs,
         "dead_lettered": sum(s["dead_lettered"] for s in stats),
         "indexed_docs_per_s": round(docs / seconds, 1),
+        "seconds": round(seconds, 1),
+        "consumers_cpu_s": round(cpu["consumers"], 1),
+        "stand_in_cpu_s": round(cpu["stand_in"], 1),
     }
 
 
@@ -286,7 +307,10 @@ def main() -> None:
             version += 1
             stand_in.fresh(args.messages)
             publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates(kind, args.messages, version), 2, p.batch_size)
-            consuming.append(consumed_row(kind, processes, consume(stand_in.url, config, processes, 0)))
+            consumers_cpu, stand_in_cpu = children_cpu_seconds(), stand_in.cpu_seconds()
+            stats = consume(stand_in.url, config, processes, 0)
+            cpu = {"consumers": children_cpu_seconds() - consumers_cpu, "stand_in": stand_in.cpu_seconds() - stand_in_cpu}
+            consuming.append(consumed_row(kind, processes, stats, cpu))
             print(consuming[-1], flush=True)
         for kind, concurrency in (("predictions", 1), ("predictions", 2), ("neighbours", 1)):
             version += 1

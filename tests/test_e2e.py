@@ -122,19 +122,18 @@ def test_visual_neighbours_come_from_the_products_own_second_level_category(dag_
     groups = {r["id"]: r["group"] for r in read_neighbours(str(dag_run["neighbours_run_dir"] / "neighbours"))}
     with_neighbours = 0
     for pid, doc in after.items():
-        neighbours = doc["visual_neighbours"]
-        assert len(neighbours) <= 100
+        ids, scores = doc["visual_neighbours"]["ids"], doc["visual_neighbours"]["scores"]
+        assert len(ids) == len(scores) <= 100
         if not doc.get("image_url"):
-            assert neighbours == []
+            assert ids == []
             continue
-        with_neighbours += bool(neighbours)
+        with_neighbours += bool(ids)
         assert groups[pid] is not None and groups[pid].count(" > ") == 1
-        for n in neighbours:
-            assert n["id"] != pid and n["id"] in after and groups[n["id"]] == groups[pid]
-        scores = [n["score"] for n in neighbours]
+        for n in ids:
+            assert n != pid and n in after and groups[n] == groups[pid]
         assert scores == sorted(scores, reverse=True)
     assert with_neighbours >= 300
-    assert max(len(d["visual_neighbours"]) for d in after.values()) == 100
+    assert max(len(d["visual_neighbours"]["ids"]) for d in after.values()) == 100
 
 
 def test_nothing_else_on_the_document_was_lost(dag_run):

@@ -1,0 +1,28 @@
+"""The consumer's message checks and the update it sends, without services."""
+
+import json
+
+import pytest
+
+from services.consumer import PoisonMessage, parse_message, update_action
+from services.publish import message
+
+pytestmark = pytest.mark.unit
+
+
+def neighbours_message(neighbours):
+    return message("neighbours", "p1", "run-1", "m1", 3, {"neighbours": neighbours})
+
+
+def test_neighbours_are_written_as_parallel_id_and_score_arrays():
+    msg = parse_message(json.dumps(neighbours_message([{"id": "p2", "score": 0.9}, {"id": "p3", "score": 0.5}])).encode())
+    header, body = update_action("products", msg)
+    assert header["update"]["_id"] == "p1"
+    assert body["script"]["params"]["visual_neighbours"] == {"ids": ["p2", "p3"], "scores": [0.9, 0.5]}
+    assert body["script"]["params"]["version"] == 3
+
+
+@pytest.mark.parametrize("neighbours", [None, [{"id": "p2"}], [{"id": 2, "score": 0.5}], ["p2"]])
+def test_malformed_neighbours_are_poison_with_a_reason(neighbours):
+    with pytest.raises(PoisonMessage, match="invalid_schema: neighbours must be a list"):
+        parse_message(json.dumps(neighbours_message(neighbours)).encode())
