@@ -58,6 +58,8 @@ def updates(kind: str, n: int, version: int) -> Iterator[dict]:
                 for level, c in enumerate(("Apparel", "Topwear", "Tshirts"), start=1)
             ],
             "attributes": {"colour": {"value": "Blue", "score": 0.8}},
+            "decided_by": "model",
+            "prototype": {"category": "Flats", "similarity": 0.41, "threshold": 0.6, "decided": False},
         }
     else:
         body = {"neighbours": [{"id": str(j), "score": round(1 - j / 1000, 4)} for j in range(100)]}

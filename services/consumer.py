@@ -42,12 +42,14 @@ FIELDS = {
     "predictions": ("prediction_version", "prodcat_run_id", {"categories": "predicted_categories", "attributes": "predicted_attributes"}),
     "neighbours": ("neighbours_version", "neighbours_run_id", {"neighbours": "visual_neighbours"}),
 }
+# Body keys a message may lack (messages of older runs, replayed): the field is then cleared.
+OPTIONAL_FIELDS = {"predictions": {"decided_by": "decided_by", "prototype": "prototype_match"}, "neighbours": {}}
 
 
 def _script(kind: str) -> str:
     """The painless update of one message kind: apply unless the document holds a newer version."""
     version_field, run_field, mapping = FIELDS[kind]
-    sets = [f"ctx._source.{field} = params.{field};" for field in mapping.values()]
+    sets = [f"ctx._source.{field} = params.{field};" for field in (*mapping.values(), *OPTIONAL_FIELDS[kind].values())]
     sets += [f"ctx._source.{version_field} = params.version;", f"ctx._source.{run_field} = params.run_id;"]
     if kind == "predictions":
         sets.append("ctx._source.model_version = params.model_version;")
@@ -111,6 +113,7 @@ def update_action(index: str, msg: dict) -> Tuple[dict, dict]:
     mapping = FIELDS[msg["kind"]][2]
     params = {"version": msg["version"], "run_id": msg["run_id"], "model_version": msg.get("model_version")}
     params.update({field: DOCUMENT_SHAPES.get(key, _as_is)(msg["body"][key]) for key, field in mapping.items()})
+    params.update({field: msg["body"].get(key) for key, field in OPTIONAL_FIELDS[msg["kind"]].items()})
     return {"update": {"_index": index, "_id": msg["id"], "retry_on_conflict": 3}}, {
         "script": {"source": SCRIPTS[msg["kind"]], "lang": "painless", "params": params}
     }

@@ -36,6 +36,17 @@ PRODUCT_MAPPINGS = {
             }
         },
         "predicted_attributes": {"type": "object"},
+        # which classifier set the finest level (human, rules, prototypes, model, none) and the
+        # nearest human-labelled prototype: category, cosine, threshold, whether it decided
+        "decided_by": {"type": "keyword"},
+        "prototype_match": {
+            "properties": {
+                "category": {"type": "keyword"},
+                "similarity": {"type": "float"},
+                "threshold": {"type": "float"},
+                "decided": {"type": "boolean"},
+            }
+        },
         # {"ids": [..], "scores": [..]}, read by product id and never searched: not indexed, which
         # made neighbour updates 1.7x faster on the stand-in (1,081 against 636 documents/s).
         "visual_neighbours": {"type": "object", "enabled": False},

@@ -24,7 +24,15 @@ from conftest import REPO
 pytestmark = pytest.mark.e2e
 
 DAG_ID = "prodcat_categorise"
-UPDATE_FIELDS = ("predicted_categories", "predicted_attributes", "model_version", "prediction_version", "prodcat_run_id")
+UPDATE_FIELDS = (
+    "predicted_categories",
+    "predicted_attributes",
+    "decided_by",
+    "prototype_match",
+    "model_version",
+    "prediction_version",
+    "prodcat_run_id",
+)
 
 
 def free_port() -> int:

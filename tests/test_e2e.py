@@ -96,7 +96,15 @@ def test_human_labels_teach_a_category_no_rule_emits_without_retraining(dag_run)
     for pid in LABELLED_FLATS:
         assert after[pid]["human_categories"] == [FLATS]
         assert FLATS in {c["id"] for c in after[pid]["predicted_categories"]}  # human labels are kept
-    assert any(FLATS in {c["id"] for c in after[pid]["predicted_categories"]} for pid in UNLABELLED_FLATS)
+    taught = [pid for pid in UNLABELLED_FLATS if FLATS in {c["id"] for c in after[pid]["predicted_categories"]}]
+    assert taught
+    # Elasticsearch says which classifier decided, and the prototype it matched
+    assert any(after[pid]["decided_by"] == "prototypes" for pid in taught)
+    for pid in taught:
+        if after[pid]["decided_by"] == "prototypes":
+            match = after[pid]["prototype_match"]
+            assert match["category"] == FLATS and match["decided"] and match["similarity"] >= match["threshold"]
+    assert {after[pid]["decided_by"] for pid in LABELLED_FLATS} == {"human"}
     summary = json.loads((dag_run["run_dir"] / "predict" / "summary.json").read_text())
     assert summary["decided_by"].get("prototypes", 0) >= 1 and summary["human_prototypes"] == 1
 
@@ -140,6 +148,8 @@ def test_nothing_else_on_the_document_was_lost(dag_run):
     added = {
         "predicted_categories",
         "predicted_attributes",
+        "decided_by",
+        "prototype_match",
         "model_version",
         "prediction_version",
         "prodcat_run_id",
