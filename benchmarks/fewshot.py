@@ -3,12 +3,13 @@
 Trains the configured model once on the rule labels of the train split (as the pipeline does),
 then simulates the labelling loop: for each level-3 category that no rule can emit, K products
 of the train split get a human label (K = 1, 5, 20; all of them where the category has fewer),
-and the prototype classifier (trainer/fewshot.py) categorises the test split beside the
-multi-label model. Reports, on the test split only, against ground truth: micro-F1 on the new
+and the configured few-shot classifier (trainer/fewshot.py; the other one is reported beside
+it) categorises the test split beside the multi-label model. Reports, on the test split only, against ground truth: micro-F1 on the new
 categories and overall level-3 micro-F1; recall@k / precision@k of same-category retrieval
 (test queries, train corpus); and same-category precision@10 of visual neighbours with the CNN
 image embedding and with the learned embedding. The k-NN space is compared with its learned
-part alone and its raw part alone.
+part alone and its raw part alone. The probe's C and ``fewshot.rule_examples`` were chosen on the
+eval split (K = 5), never on test.
 
     python -m benchmarks.fewshot --preprocess-dir .prodcat/bench/data/runs/prodcat_categorise/bench/preprocess
 
@@ -30,11 +31,11 @@ import numpy as np
 from benchmarks.quality import level_summary
 from benchmarks.results_file import write_results
 from core import features, storage
-from core.config import FeatureConfig, load_config
+from core.config import FEWSHOT_CLASSIFIERS, FeatureConfig, load_config
 from core.rows import read_clean_rows
 from core.taxonomy import CategoryTree
 from services.catalogue import RuleLabeller
-from trainer.fewshot import apply_matches, build_prototypes, group_examples, match, normalise
+from trainer.fewshot import PROBE, apply_matches, build_prototypes, fit_probe, group_examples, match, match_probe, normalise
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.serving import EMBEDDING, METRIC_EMBEDDING, ServingModel, raw_batch
@@ -89,8 +90,10 @@ def fewshot_run(
     test_known: np.ndarray,
     thresholds: np.ndarray,
     truth: np.ndarray,
+    classifier: str,
 ) -> dict:
-    """One simulated round: K human labels per new category, prototypes, decisions on test."""
+    """One simulated round: K human labels per new category, the few-shot ``classifier``
+    (probe or prototypes) fitted on them, decisions on test."""
     truth_field = cfg.labels.ground_truth_field
     rng = np.random.default_rng(seed)
     by_category: Dict[str, List[int]] = {}
@@ -110,25 +113,26 @@ def fewshot_run(
             taken[finest[0]] = taken.get(finest[0], 0) + 1
             rule_labels[i] = finest[0]
     f = cfg.fewshot
-    prototypes = build_prototypes(
-        group_examples(train_emb, human_labels),
-        group_examples(train_emb, rule_labels),
-        f.min_examples,
-        f.min_similarity,
-        f.threshold_margin,
-    )
+    human, rules = group_examples(train_emb, human_labels), group_examples(train_emb, rule_labels)
+    started = time.perf_counter()
+    prototypes = build_prototypes(human, rules, f.min_examples, f.min_similarity, f.threshold_margin)
+    if classifier == PROBE:
+        matches = match_probe(fit_probe(prototypes, human, rules, f.probe_c), prototypes, test_emb, test_known, tree)
+    else:
+        matches = match(prototypes, test_emb, test_known, tree)
+    fit_seconds = time.perf_counter() - started
     positive, closed = decide(test_scores, thresholds, tree, test_known)
-    matches = match(prototypes, test_emb, test_known, tree)
     positive, closed = apply_matches(positive, closed, matches, prototypes, tree)
     cols = [tree.index[c] for c in new]
     metrics = evaluate_predictions(closed, positive, truth, tree)
     return {
         "new_categories_f1": round(micro_f1(truth[:, cols], positive[:, cols]), 4),
-        "level_3_micro_f1": round(metrics["levels"][str(tree.levels)]["micro_f1"], 4),
+        "level_3_micro_f1": round(float(metrics["levels"][str(tree.levels)]["micro_f1"]), 4),
         "levels": level_summary(metrics),
         "human_labels": sum(len(v) for v in shots.values()),
         "categories_with_labels": len(shots),
-        "decided_by_prototypes": int(matches.decides.sum()),
+        "decided_by_fewshot": int(matches.decides.sum()),
+        "fit_and_match_seconds": round(fit_seconds, 1),
     }
 
 
@@ -187,10 +191,10 @@ def main() -> None:
     truth = truth_matrix(tree, [[r[truth_field]] for r in test_rows])
     test_known = model.known_labels(test_rows)
 
-    by_space: Dict[str, Dict[int, dict]] = {}
-    for space in train_spaces:
+    def rounds(space: str, classifier: str) -> Dict[int, dict]:
+        out = {}
         for k in SHOTS:
-            run = fewshot_run(
+            out[k] = fewshot_run(
                 cfg,
                 tree,
                 k,
@@ -203,9 +207,18 @@ def main() -> None:
                 test_known,
                 model.thresholds,
                 truth,
+                classifier,
             )
-            by_space.setdefault(space, {})[k] = run
-            print(space, k, json.dumps({key: run[key] for key in ("new_categories_f1", "level_3_micro_f1", "decided_by_prototypes")}))
+            print(
+                space,
+                classifier,
+                k,
+                json.dumps({key: out[k][key] for key in ("new_categories_f1", "level_3_micro_f1", "decided_by_fewshot")}),
+            )
+        return out
+
+    by_space = {space: rounds(space, cfg.fewshot.classifier) for space in train_spaces}
+    by_classifier = {c: by_space["embedding"] if c == cfg.fewshot.classifier else rounds("embedding", c) for c in FEWSHOT_CLASSIFIERS}
 
     train_labels = np.array([r[truth_field] for r in train_rows])
     test_labels = np.array([r[truth_field] for r in test_rows])
@@ -239,6 +252,10 @@ def main() -> None:
     result = {
         "k_shots": {k: {key: v[key] for key in ("new_categories_f1", "level_3_micro_f1")} for k, v in by_space["embedding"].items()},
         "k_shots_detail": by_space["embedding"],
+        "k_shots_by_classifier": {
+            c: {k: {key: v[key] for key in ("new_categories_f1", "level_3_micro_f1")} for k, v in runs.items()}
+            for c, runs in by_classifier.items()
+        },
         "k_shots_by_space": {
             space: {k: {key: v[key] for key in ("new_categories_f1", "level_3_micro_f1")} for k, v in runs.items()}
             for space, runs in by_space.items()
@@ -263,6 +280,8 @@ def main() -> None:
         "new_category_test_products": int(new_queries.sum()),
         "embedding": {"dim": int(emb_train.shape[1]), "learned_dim": cfg.embedding.dim, "raw_dim_per_part": cfg.embedding.raw_dim},
         "fewshot_config": {
+            "classifier": cfg.fewshot.classifier,
+            "probe_c": cfg.fewshot.probe_c,
             "min_similarity": cfg.fewshot.min_similarity,
             "threshold_margin": cfg.fewshot.threshold_margin,
             "rule_examples": cfg.fewshot.rule_examples,

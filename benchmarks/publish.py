@@ -59,7 +59,7 @@ def updates(kind: str, n: int, version: int) -> Iterator[dict]:
             ],
             "attributes": {"colour": {"value": "Blue", "score": 0.8}},
             "decided_by": "model",
-            "prototype": {"category": "Flats", "similarity": 0.41, "threshold": 0.6, "decided": False},
+            "fewshot": {"classifier": "probe", "category": "Flats", "score": 0.41, "threshold": 0.0, "decided": False},
         }
     else:
         body = {"neighbours": [{"id": str(j), "score": round(1 - j / 1000, 4)} for j in range(100)]}

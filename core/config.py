@@ -16,6 +16,7 @@ import yaml
 VERSIONS = (1,)  # of the file's layout; a file of another version is refused, not misread
 MODEL_TYPES = ("linear", "ffn", "wide_deep")
 GROUP_BY = ("predicted", "rule", "ground_truth")
+FEWSHOT_CLASSIFIERS = ("probe", "prototypes")
 ENCODERS = ("efficientnet_lite0",)
 IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
@@ -152,12 +153,14 @@ class Embedding:
 
 @dataclasses.dataclass(frozen=True)
 class Fewshot:
-    """The prototype classifier over the embedding: categories from human labels, no retraining."""
+    """The few-shot classifier over the frozen embedding: categories from human labels, no retraining."""
 
-    min_examples: int = 1  # human-labelled products a category needs for a prototype
-    min_similarity: Optional[float] = None  # cosine to the prototype; null: each category's leave-one-out threshold
-    threshold_margin: float = 0.0  # subtracted from the leave-one-out threshold
-    rule_examples: int = 50  # rule-labelled products per finest-level category whose prototype competes
+    classifier: str = "probe"  # probe: logistic regression over the embedding; prototypes: nearest mean
+    probe_c: float = 30.0  # inverse L2 strength of the probe
+    min_examples: int = 1  # human-labelled products a category needs
+    min_similarity: Optional[float] = None  # prototypes: cosine to the prototype; null: leave-one-out threshold
+    threshold_margin: float = 0.0  # prototypes: subtracted from the leave-one-out threshold
+    rule_examples: int = 50  # rule-labelled products per finest-level category that compete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +330,8 @@ def _validate(cfg: FeatureConfig) -> None:
         (0 < cfg.model.self_training_min_score <= 1, "model.self_training_min_score: must be in (0, 1]"),
         (cfg.embedding.dim > 0 and cfg.embedding.raw_dim >= 0, "embedding: dim must be > 0 and raw_dim >= 0"),
         (cfg.fewshot.min_examples >= 1, "fewshot.min_examples: must be >= 1"),
+        (cfg.fewshot.classifier in FEWSHOT_CLASSIFIERS, f"fewshot.classifier: must be one of {list(FEWSHOT_CLASSIFIERS)}"),
+        (cfg.fewshot.probe_c > 0, "fewshot.probe_c: must be > 0"),
         (cfg.review.max_per_run >= 0 and cfg.review.per_category >= 0, "review: max_per_run and per_category must be >= 0"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
     ]

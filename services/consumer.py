@@ -43,7 +43,7 @@ FIELDS = {
     "neighbours": ("neighbours_version", "neighbours_run_id", {"neighbours": "visual_neighbours"}),
 }
 # Body keys a message may lack (messages of older runs, replayed): the field is then cleared.
-OPTIONAL_FIELDS = {"predictions": {"decided_by": "decided_by", "prototype": "prototype_match"}, "neighbours": {}}
+OPTIONAL_FIELDS = {"predictions": {"decided_by": "decided_by", "fewshot": "fewshot_match"}, "neighbours": {}}
 
 
 def _script(kind: str) -> str:

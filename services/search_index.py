@@ -36,13 +36,14 @@ PRODUCT_MAPPINGS = {
             }
         },
         "predicted_attributes": {"type": "object"},
-        # which classifier set the finest level (human, rules, prototypes, model, none) and the
-        # nearest human-labelled prototype: category, cosine, threshold, whether it decided
+        # which classifier set the finest level (human, rules, probe or prototypes, model, none) and
+        # the few-shot classifier's best human-labelled category: score, threshold, whether it decided
         "decided_by": {"type": "keyword"},
-        "prototype_match": {
+        "fewshot_match": {
             "properties": {
+                "classifier": {"type": "keyword"},
                 "category": {"type": "keyword"},
-                "similarity": {"type": "float"},
+                "score": {"type": "float"},
                 "threshold": {"type": "float"},
                 "decided": {"type": "boolean"},
             }

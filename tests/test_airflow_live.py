@@ -28,7 +28,7 @@ UPDATE_FIELDS = (
     "predicted_categories",
     "predicted_attributes",
     "decided_by",
-    "prototype_match",
+    "fewshot_match",
     "model_version",
     "prediction_version",
     "prodcat_run_id",

@@ -30,10 +30,10 @@ def test_malformed_neighbours_are_poison_with_a_reason(neighbours):
 
 def test_which_classifier_decided_is_written_and_cleared_by_a_message_without_it():
     categories = {"categories": [], "attributes": {}}
-    prototype = {"category": "Flats", "similarity": 0.8, "threshold": 0.6, "decided": True}
-    with_it = message("predictions", "p1", "run-2", "m2", 2, {**categories, "decided_by": "prototypes", "prototype": prototype})
+    fewshot = {"classifier": "probe", "category": "Flats", "score": 0.8, "threshold": 0.0, "decided": True}
+    with_it = message("predictions", "p1", "run-2", "m2", 2, {**categories, "decided_by": "probe", "fewshot": fewshot})
     params = update_action("products", parse_message(json.dumps(with_it).encode()))[1]["script"]["params"]
-    assert params["decided_by"] == "prototypes" and params["prototype_match"] == prototype
+    assert params["decided_by"] == "probe" and params["fewshot_match"] == fewshot
     older = message("predictions", "p1", "run-1", "m1", 1, categories)
     params = update_action("products", parse_message(json.dumps(older).encode()))[1]["script"]["params"]
-    assert params["decided_by"] is None and params["prototype_match"] is None
+    assert params["decided_by"] is None and params["fewshot_match"] is None

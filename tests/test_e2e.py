@@ -98,15 +98,15 @@ def test_human_labels_teach_a_category_no_rule_emits_without_retraining(dag_run)
         assert FLATS in {c["id"] for c in after[pid]["predicted_categories"]}  # human labels are kept
     taught = [pid for pid in UNLABELLED_FLATS if FLATS in {c["id"] for c in after[pid]["predicted_categories"]}]
     assert taught
-    # Elasticsearch says which classifier decided, and the prototype it matched
-    assert any(after[pid]["decided_by"] == "prototypes" for pid in taught)
+    # Elasticsearch says which classifier decided, and the category the few-shot classifier chose
+    assert any(after[pid]["decided_by"] == "probe" for pid in taught)
     for pid in taught:
-        if after[pid]["decided_by"] == "prototypes":
-            match = after[pid]["prototype_match"]
-            assert match["category"] == FLATS and match["decided"] and match["similarity"] >= match["threshold"]
+        if after[pid]["decided_by"] == "probe":
+            match = after[pid]["fewshot_match"]
+            assert match["classifier"] == "probe" and match["category"] == FLATS and match["decided"] and match["score"] > 0
     assert {after[pid]["decided_by"] for pid in LABELLED_FLATS} == {"human"}
     summary = json.loads((dag_run["run_dir"] / "predict" / "summary.json").read_text())
-    assert summary["decided_by"].get("prototypes", 0) >= 1 and summary["human_prototypes"] == 1
+    assert summary["decided_by"].get("probe", 0) >= 1 and summary["human_prototypes"] == 1
 
 
 def test_review_index_holds_the_runs_least_certain_products_with_reasons(dag_run):
@@ -149,7 +149,7 @@ def test_nothing_else_on_the_document_was_lost(dag_run):
         "predicted_categories",
         "predicted_attributes",
         "decided_by",
-        "prototype_match",
+        "fewshot_match",
         "model_version",
         "prediction_version",
         "prodcat_run_id",

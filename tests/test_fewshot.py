@@ -1,4 +1,4 @@
-"""The prototype classifier (exact small examples) and the review queue's selection."""
+"""The few-shot classifiers (exact small examples) and the review queue's selection."""
 
 import numpy as np
 import pytest
@@ -10,13 +10,16 @@ from trainer.fewshot import (
     HUMAN,
     MODEL,
     NONE,
+    PROBE,
     PROTOTYPES,
     RULES,
     apply_matches,
     build_prototypes,
     decided_by,
+    fit_probe,
     leave_one_out_similarities,
     match,
+    match_probe,
 )
 from trainer.hierarchy import decide
 from trainer.metrics import truth_matrix
@@ -83,6 +86,39 @@ def test_the_nearest_human_prototype_decides_only_for_open_products_above_thresh
     assert [TREE.ids[j] for j in np.flatnonzero(positive[2])] == ["B"]  # undecided rows keep the model's decision
 
 
+def clusters(centre, n, rng):
+    return np.stack([unit(*(np.asarray(centre) + 0.1 * rng.normal(size=len(centre)))) for _ in range(n)])
+
+
+def test_the_probe_decides_the_most_probable_human_category_only_where_it_beats_every_class_and_agrees():
+    rng = np.random.default_rng(0)
+    human = {"A > A1 > A1y": clusters((1, 0, 0), 5, rng), "B > B1 > B1x": clusters((0, 0, 1), 5, rng)}
+    rules = {"A > A2 > A2x": clusters((0, 1, 0), 20, rng)}
+    p = build_prototypes(human, rules, min_examples=1, min_similarity=None, threshold_margin=0.0)
+    probe = fit_probe(p, human, rules, c=30.0)
+    assert probe.categories == p.categories
+    emb = np.stack([unit(1, 0.1, 0), unit(0.1, 1, 0), unit(0, 0.1, 1), unit(0, 0.1, 1), unit(1, 0.1, 0)])
+    kept = truth_matrix(TREE, [[], [], [], ["A"], ["A > A1 > A1x"]])
+    m = match_probe(probe, p, emb, kept, TREE)
+    # 0: A1y; 1: the rule competitor A2x is most probable; 2: B1x; 3: B1x is most probable but the
+    # rules said A, so the agreeing A1y is reported and does not decide; 4: already finest-labelled
+    assert m.decides.tolist() == [True, False, True, False, False]
+    assert [p.categories[c] for c in m.category] == ["A > A1 > A1y", "A > A1 > A1y", "B > B1 > B1x", "A > A1 > A1y", "A > A1 > A1y"]
+    probs = probe.probabilities(emb)
+    assert probs.sum(axis=1) == pytest.approx(np.ones(5), rel=1e-5)
+    assert m.similarity[0] == pytest.approx(probs[0, 0], rel=1e-5) and m.similarity[0] > 0.5
+
+
+def test_a_probe_of_two_classes_orders_them_like_scikit_learn():
+    rng = np.random.default_rng(1)
+    human = {"A > A1 > A1y": clusters((1, 0), 5, rng)}
+    rules = {"B > B1 > B1x": clusters((0, 1), 5, rng)}
+    p = build_prototypes(human, rules, 1, None, 0.0)
+    probs = fit_probe(p, human, rules, c=30.0).probabilities(np.stack([unit(1, 0.1), unit(0.1, 1)]))
+    assert probs[0, 0] > 0.5 and probs[1, 1] > 0.5
+    assert fit_probe(build_prototypes(human, {}, 1, None, 0.0), human, {}, c=1.0) is None  # one class: nothing to learn
+
+
 def test_decided_by_prefers_human_then_rules_then_prototypes_then_model():
     human = {"A > A1 > A1y": np.stack([unit(1, 0)])}
     p = build_prototypes(human, {}, 1, 0.5, 0.0)
@@ -90,6 +126,8 @@ def test_decided_by_prefers_human_then_rules_then_prototypes_then_model():
     m.decides[3:] = False
     got = decided_by(m, np.array([1, 0, 0, 0, 0], bool), np.array([1, 1, 0, 0, 0], bool), np.array([0, 0, 0, 1, 0], bool))
     assert got == [HUMAN, RULES, PROTOTYPES, MODEL, NONE]
+    got = decided_by(m, np.zeros(5, bool), np.zeros(5, bool), np.zeros(5, bool), fewshot=PROBE)
+    assert got == [PROBE, PROBE, PROBE, NONE, NONE]
 
 
 def test_without_human_labels_nothing_is_decided_by_prototypes():

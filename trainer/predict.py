@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -13,7 +14,20 @@ import numpy as np
 from core import features, storage
 from core.config import FeatureConfig
 from core.rows import read_clean_rows
-from trainer.fewshot import Matches, Prototypes, apply_matches, build_prototypes, decided_by, group_examples, match
+from core.taxonomy import CategoryTree
+from trainer.fewshot import (
+    PROBE,
+    LinearProbe,
+    Matches,
+    Prototypes,
+    apply_matches,
+    build_prototypes,
+    decided_by,
+    fit_probe,
+    group_examples,
+    match,
+    match_probe,
+)
 from trainer.hierarchy import best_path, category_entries, decide
 from trainer.review import REVIEW_FILE, ReviewCollector
 from trainer.serving import EMBEDDING, ServingModel, raw_batch
@@ -76,10 +90,26 @@ def prototype_examples(
     return human, rules
 
 
-def load_prototypes(cfg: FeatureConfig, model: ServingModel, preprocess_dir: str, batch_size: int) -> Prototypes:
+@dataclasses.dataclass(frozen=True)
+class FewshotClassifier:
+    """The configured few-shot classifier over the embedding, with the prototypes it was built from."""
+
+    name: str
+    prototypes: Prototypes
+    probe: Optional[LinearProbe]
+
+    def match(self, embeddings: np.ndarray, kept: np.ndarray, tree: CategoryTree) -> Matches:
+        if self.name == PROBE:
+            return match_probe(self.probe, self.prototypes, embeddings, kept, tree)
+        return match(self.prototypes, embeddings, kept, tree)
+
+
+def load_fewshot(cfg: FeatureConfig, model: ServingModel, preprocess_dir: str, batch_size: int) -> FewshotClassifier:
     f = cfg.fewshot
     human, rules = prototype_examples(cfg, model, preprocess_dir, batch_size)
-    return build_prototypes(human, rules, f.min_examples, f.min_similarity, f.threshold_margin)
+    prototypes = build_prototypes(human, rules, f.min_examples, f.min_similarity, f.threshold_margin)
+    probe = fit_probe(prototypes, human, rules, f.probe_c) if f.classifier == PROBE else None
+    return FewshotClassifier(f.classifier, prototypes, probe)
 
 
 def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir: str, run_id: str, batch_size: int = 1024) -> dict:
@@ -90,7 +120,8 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
     model = ServingModel.load(model_dir)
     tree = model.tree
     attribute_names = [a.name for a in cfg.labels.attributes]
-    prototypes = load_prototypes(cfg, model, preprocess_dir, batch_size)
+    fewshot = load_fewshot(cfg, model, preprocess_dir, batch_size)
+    prototypes = fewshot.prototypes
     few = [j for j, (h, n) in enumerate(zip(prototypes.human, prototypes.counts)) if h and n < cfg.review.few_examples_below]
     review = ReviewCollector(cfg.review, tree, run_id, model.card["model_version"])
     finest = tree.level_columns(tree.levels)
@@ -108,12 +139,12 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                 raw_scores = outputs["category_scores"]
                 positive, closed = decide(raw_scores, model.thresholds, tree, kept)
                 model_finest = positive[:, finest].any(axis=1)
-                matches = match(prototypes, outputs[EMBEDDING], known, tree)
+                matches = fewshot.match(outputs[EMBEDDING], known, tree)
                 positive, closed = apply_matches(positive, closed, matches, prototypes, tree)
                 human_finest = np.array(
                     [any(tree.level_of(c) == tree.levels for c in r.get(features.HUMAN_CATEGORIES) or [] if c in tree) for r in rows]
                 )
-                decided = decided_by(matches, human_finest, known[:, finest].any(axis=1) & ~human_finest, model_finest)
+                decided = decided_by(matches, human_finest, known[:, finest].any(axis=1) & ~human_finest, model_finest, fewshot.name)
                 by.update(decided)
                 sims = outputs[EMBEDDING] @ prototypes.vectors[few].T if few else np.zeros((len(rows), 0))
                 review.add_batch(
@@ -132,7 +163,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                         "categories": category_entries(closed[i], positive[i], tree),
                         "path": [tree.ids[j] for j in best_path(closed[i], tree)],
                         "decided_by": decided[i],
-                        "prototype": prototype_entry(matches, prototypes, i),
+                        "fewshot": fewshot_entry(matches, fewshot, i),
                         "attributes": attribute_predictions(model, outputs, i, attribute_names),
                     }
                     f.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
@@ -158,13 +189,15 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
     return summary
 
 
-def prototype_entry(matches: Matches, prototypes: Prototypes, i: int) -> Optional[dict]:
-    """The product's nearest human-labelled prototype: its category, cosine and threshold."""
+def fewshot_entry(matches: Matches, fewshot: FewshotClassifier, i: int) -> Optional[dict]:
+    """The few-shot classifier's best human-labelled category for the product: its score (the
+    probe's probability or the prototype's cosine), threshold, and whether it decided."""
     if matches.category[i] < 0:
         return None
     return {
-        "category": prototypes.categories[matches.category[i]],
-        "similarity": round(float(matches.similarity[i]), 5),
+        "classifier": fewshot.name,
+        "category": fewshot.prototypes.categories[matches.category[i]],
+        "score": round(float(matches.similarity[i]), 5),
         "threshold": round(float(matches.threshold[i]), 5),
         "decided": bool(matches.decides[i]),
     }
