@@ -67,6 +67,8 @@ def write_predictions(predict_dir: str, n: int) -> None:
                     "path": ["Apparel"],
                     "attributes": {},
                     "categories": [{"id": "Apparel", "name": "Apparel", "level": 1, "score": 0.9, "confident": True}],
+                    "decided_by": "model",
+                    "fewshot": None,
                 }
                 f.write(json.dumps(record).encode("utf-8") + b"\n")
 

@@ -40,7 +40,8 @@ def update_messages(kind: str, source_dir: str, run_id: str, version: int) -> It
         from trainer.predict import read_predictions
 
         for p in read_predictions(source_dir):
-            body = {key: p[key] for key in ("categories", "attributes", "decided_by", "fewshot")}
+            # predictions written before the few-shot classifier lack decided_by and fewshot
+            body = {"categories": p["categories"], "attributes": p["attributes"], **{k: p.get(k) for k in ("decided_by", "fewshot")}}
             yield message("predictions", p["id"], run_id, p["model_version"], version, body)
     else:
         from pipelines.neighbours import read_neighbours

@@ -1,11 +1,14 @@
-"""The consumer's message checks and the update it sends, without services."""
+"""Update messages without services: built from a run's files, checked by the consumer, turned into updates."""
 
+import gzip
 import json
 
 import pytest
 
+from pipelines.writeback import update_messages
 from services.consumer import PoisonMessage, parse_message, update_action
 from services.publish import message
+from trainer.predict import PREDICTIONS_FILE
 
 pytestmark = pytest.mark.unit
 
@@ -37,3 +40,14 @@ def test_which_classifier_decided_is_written_and_cleared_by_a_message_without_it
     older = message("predictions", "p1", "run-1", "m1", 1, categories)
     params = update_action("products", parse_message(json.dumps(older).encode()))[1]["script"]["params"]
     assert params["decided_by"] is None and params["fewshot_match"] is None
+
+
+def test_predictions_written_before_the_fewshot_classifier_still_publish(tmp_path):
+    old = {"id": "p1", "model_version": "m1", "categories": [], "attributes": {}}
+    new = {**old, "id": "p2", "decided_by": "probe", "fewshot": {"category": "Flats"}}
+    with gzip.open(tmp_path / PREDICTIONS_FILE, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in (old, new)) + "\n")
+    (tmp_path / "_SUCCESS").write_text("")
+    bodies = {m["id"]: m["body"] for m in update_messages("predictions", str(tmp_path), "run-1", 1)}
+    assert bodies["p1"]["decided_by"] is None and bodies["p1"]["fewshot"] is None
+    assert bodies["p2"]["decided_by"] == "probe" and bodies["p2"]["fewshot"] == {"category": "Flats"}
