@@ -136,6 +136,7 @@ class Model:
     self_training_epochs: int = 3
     null_evidence_share: float = 0.0  # synthetic products with no known token (share of the training examples), negative everywhere
     lazy_adam: bool = False  # sparse gradients update only the batch's rows (faster; cost quality on the benchmark)
+    text_dim: Optional[int] = None  # wide_deep: one table per text input this wide, shared by both parts; None: one each
     seed: int = 42
 
 
@@ -326,6 +327,7 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.model.target_precision is None or 0 < cfg.model.target_precision <= 1, "model.target_precision: must be in (0, 1] or null"),
         (cfg.model.threshold_labels in THRESHOLD_LABELS, f"model.threshold_labels: must be one of {list(THRESHOLD_LABELS)}"),
         (cfg.model.self_training_rounds >= 0, "model.self_training_rounds: must be >= 0"),
+        (cfg.model.text_dim is None or cfg.model.text_dim >= 1, "model.text_dim: must be >= 1 or null"),
         (0 <= cfg.model.null_evidence_share < 1, "model.null_evidence_share: must be in [0, 1)"),
         (0 < cfg.model.self_training_min_score <= 1, "model.self_training_min_score: must be in (0, 1]"),
         (cfg.embedding.dim > 0 and cfg.embedding.raw_dim >= 0, "embedding: dim must be > 0 and raw_dim >= 0"),

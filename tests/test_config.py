@@ -81,6 +81,14 @@ def test_dropping_an_input_needs_no_code_change(raw):
     assert [i.name for i in parse_config(raw).inputs] == ["title", "title_chars", "gender", "image"]
 
 
+def test_text_dim_is_a_positive_width_or_null(raw):
+    raw["model"]["text_dim"] = None
+    assert parse_config(raw).model.text_dim is None
+    raw["model"]["text_dim"] = 0
+    with pytest.raises(ConfigError, match="text_dim"):
+        parse_config(raw)
+
+
 def test_lazy_adam_is_a_model_flag_off_by_default(raw):
     assert parse_config(raw).model.lazy_adam is False
     raw["model"]["lazy_adam"] = True

@@ -18,6 +18,7 @@ from trainer.model import (
     EMBEDDING,
     METRIC_EMBEDDING,
     PROXIES,
+    DenseAdam,
     LazyAdam,
     build_model,
     masked_binary_crossentropy,
@@ -38,10 +39,10 @@ def cfg():
     return load_config(REPO / "feature_config.yaml")
 
 
-@pytest.mark.parametrize("model_type", ["linear", "ffn", "wide_deep"])
-def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_type):
+@pytest.mark.parametrize("model_type,text_dim", [("linear", None), ("ffn", None), ("wide_deep", None), ("wide_deep", 6)])
+def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_type, text_dim):
     small = dataclasses.replace(
-        cfg.replace_model(type=model_type, hidden_units=[8]),
+        cfg.replace_model(type=model_type, hidden_units=[8], text_dim=text_dim),
         inputs=tuple(dataclasses.replace(i, vocab_size=20) if i.kind == "text" else i for i in cfg.inputs),
     )
     model = build_model(small, len(TREE), {"brand": 5, "gender": 3}, {"colour": 4, "season": 2, "usage": 3}, TREE.level_columns(3))
@@ -66,6 +67,25 @@ def test_model_builds_with_tiny_sizes_and_one_output_per_category(cfg, model_typ
     assert out[EMBEDDING].shape == (batch, small.embedding.dim + 3 * small.embedding.raw_dim)
     np.testing.assert_allclose(np.linalg.norm(out[EMBEDDING].numpy(), axis=1), 1.0, rtol=1e-5)
     assert out[PROXIES].shape == (batch, len(TREE.level_columns(3)))
+    # With text_dim, each text input has one trainable table, shared by the wide and deep parts.
+    tables = sorted(v.name for v in model.trainable_variables if "tfidf" in v.name)
+    if text_dim:
+        assert tables == ["title_chars_tfidf/kernel:0", "title_tfidf/kernel:0"]
+        assert all(v.shape[1] == text_dim for v in model.trainable_variables if "tfidf" in v.name)
+    elif model_type == "wide_deep":
+        assert len(tables) == 4
+
+
+def test_dense_adam_updates_a_sparse_gradient_as_adam_updates_its_dense_sum():
+    dense_table, adam_table = tf.Variable(tf.ones([4, 2])), tf.Variable(tf.ones([4, 2]))
+    dense, adam = DenseAdam(learning_rate=0.1), tf.keras.optimizers.Adam(learning_rate=0.1)
+    # Row 1 twice in one gradient, row 3 once; rows 0 and 2 have a zero gradient.
+    grad = tf.IndexedSlices(tf.constant([[1.0, -1.0], [0.5, 0.5], [2.0, 0.0]]), tf.constant([1, 3, 1]), tf.constant([4, 2]))
+    for _ in range(3):
+        dense.apply_gradients([(grad, dense_table)])
+        adam.apply_gradients([(tf.convert_to_tensor(grad), adam_table)])
+    np.testing.assert_allclose(dense_table.numpy(), adam_table.numpy(), rtol=1e-5)
+    assert dense_table.numpy()[1, 0] < 1.0 and dense_table.numpy()[0, 0] == 1.0
 
 
 def test_lazy_adam_updates_only_the_rows_of_a_sparse_gradient_and_matches_adam_on_them():
@@ -274,9 +294,9 @@ def trained(cfg, tmp_path_factory):
     built = []
     original = train_module.make_dataset
 
-    def recording_make_dataset(cfg_, tft_output, files, batch_size, shuffle, only_labelled, targets=None, extra=None):
-        built.append({"files": list(files), "shuffle": shuffle})
-        return original(cfg_, tft_output, files, batch_size, shuffle, only_labelled, targets, extra)
+    def recording_make_dataset(cfg_, tft_output, split, batch_size, shuffle, only_labelled, targets=None, extra=None):
+        built.append({"files": list(split.files), "shuffle": shuffle})
+        return original(cfg_, tft_output, split, batch_size, shuffle, only_labelled, targets, extra)
 
     train_module.make_dataset = recording_make_dataset
     try:

@@ -42,6 +42,21 @@ class SparseLinear(tf.keras.layers.Layer):
         return {**super().get_config(), "vocab_size": self.vocab_size, "units": self.units}
 
 
+class DenseAdam(tf.keras.optimizers.legacy.Adam):
+    """Adam with TF's fused kernel, every gradient made dense first.
+
+    A sparse gradient (TF-IDF and embedding rows) is summed into a dense one, as a dense layer's
+    would be; then one fused pass updates each variable. ``tf.keras.optimizers.Adam`` on a sparse
+    gradient also decays every row's moments each step but in several separate passes over the
+    tables, and squares repeated rows before adding them: 49 ms against 17 ms per step for the
+    default model's variables on 2 cores.
+    """
+
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        dense = [(tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, v) for g, v in grads_and_vars]
+        return super().apply_gradients(dense, *args, **kwargs)
+
+
 class LazyAdam(tf.keras.optimizers.Adam):
     """Adam whose sparse gradients (TF-IDF and embedding rows) update only the rows in the batch.
 
@@ -171,10 +186,25 @@ BLOCKS = {"text": _text_blocks, "categorical": _categorical_blocks, "image": _im
 
 
 def _feature_blocks(
-    cfg: FeatureConfig, inputs: Mapping[str, tf.Tensor], vocab_sizes: Mapping[str, int], text_units: int, linear: bool, width: int
+    cfg: FeatureConfig,
+    inputs: Mapping[str, tf.Tensor],
+    vocab_sizes: Mapping[str, int],
+    text_units: int,
+    linear: bool,
+    width: int,
+    shared: Mapping[str, tf.Tensor],
 ):
-    """One tensor per input: a learned projection (``width`` wide when ``linear``)."""
-    return [block for inp in cfg.inputs for block in BLOCKS[inp.kind](inp, inputs, vocab_sizes, text_units, linear, width)]
+    """One tensor per input: a learned projection (``width`` wide when ``linear``). An input in
+    ``shared`` reuses that tensor (projected to ``width`` when ``linear``) instead of its own block."""
+    blocks = []
+    for inp in cfg.inputs:
+        if inp.name not in shared:
+            blocks.extend(BLOCKS[inp.kind](inp, inputs, vocab_sizes, text_units, linear, width))
+        elif linear:
+            blocks.append(tf.keras.layers.Dense(width, use_bias=False, name=f"wide_{inp.name}")(shared[inp.name]))
+        else:
+            blocks.append(shared[inp.name])
+    return blocks
 
 
 def _text_raw_projection(inp: TextInput, inputs: Mapping[str, tf.Tensor], dim: int) -> tf.Tensor:
@@ -220,14 +250,24 @@ def build_model(
     outputs: Dict[str, tf.Tensor] = {}
     logits = []
     hidden = None
+    shared: Dict[str, tf.Tensor] = {}
+    if m.type == "wide_deep" and m.text_dim:
+        # One table per text input feeds both parts: a gradient row per token and batch costs
+        # text_dim values instead of categories + hidden_units[0] (the step's largest cost).
+        shared = {
+            inp.name: SparseLinear(inp.vocab_size + inp.oov_buckets, m.text_dim, name=f"{inp.name}_tfidf")(
+                [inputs[ids_key(inp.name)], inputs[weights_key(inp.name)]]
+            )
+            for inp in cfg.inputs_of("text")
+        }
     if m.type in ("linear", "wide_deep"):
-        wide = _feature_blocks(cfg, inputs, vocab_sizes, 0, linear=True, width=num_categories)
+        wide = _feature_blocks(cfg, inputs, vocab_sizes, 0, linear=True, width=num_categories, shared=shared)
         wide = [b if b.shape[-1] == num_categories else tf.keras.layers.Dense(num_categories, use_bias=False)(b) for b in wide]
         logits.append(tf.keras.layers.Add(name="wide_logits")(wide) if len(wide) > 1 else wide[0])
         hidden = tf.keras.layers.Concatenate(name="wide_features")(wide) if m.type == "linear" else None
     if m.type in ("ffn", "wide_deep"):
         deep = tf.keras.layers.Concatenate(name="deep_features")(
-            _feature_blocks(cfg, inputs, vocab_sizes, text_units=m.hidden_units[0], linear=False, width=0)
+            _feature_blocks(cfg, inputs, vocab_sizes, text_units=m.hidden_units[0], linear=False, width=0, shared=shared)
         )
         for i, units in enumerate(m.hidden_units):
             deep = tf.keras.layers.Dense(units, activation="relu", name=f"hidden_{i}")(deep)
@@ -255,6 +295,6 @@ def build_model(
     # The category loss is a mean over hundreds of mostly-negative classes: weighted up so that
     # the attribute heads' softmax losses do not dominate the shared layers.
     weights = {CATEGORIES: m.category_loss_weight, PROXIES: e.loss_weight, **{a.name: 1.0 for a in cfg.labels.attributes}}
-    optimizer = (LazyAdam if m.lazy_adam else tf.keras.optimizers.Adam)(learning_rate=m.learning_rate)
+    optimizer = (LazyAdam if m.lazy_adam else DenseAdam)(learning_rate=m.learning_rate)
     model.compile(optimizer=optimizer, loss=losses, loss_weights=weights)
     return model

@@ -38,59 +38,77 @@ def transformed_files(preprocess_dir: str, split: str) -> list[str]:
     return storage.list_files(storage.join(preprocess_dir, "transformed"), f"{split}-*.tfrecord.gz")
 
 
-def stored_targets(tft_output, files: Sequence[str]) -> np.ndarray:
-    """The stored ``[labels | mask]`` (rule labels) of every example of ``files``, in file order."""
+@dataclasses.dataclass(frozen=True)
+class TransformedSplit:
+    """One split's serialized transformed examples, read once into memory, and their stored
+    ``[labels | mask]`` (rule labels) in file order."""
+
+    files: Tuple[str, ...]
+    records: Any  # tf.string tensor [examples]
+    targets: np.ndarray  # float32 [examples, 2 * categories]
+
+
+def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
+    """Reads ``split``'s transformed TFRecords once: every fit and scoring pass of a training
+    run reuses them instead of decompressing the files again."""
     import tensorflow as tf
 
+    files = transformed_files(preprocess_dir, split)
     spec = {k: v for k, v in tft_output.transformed_feature_spec().items() if k in (features.LABELS, features.LABEL_MASK)}
-    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096)
-    ds = ds.map(lambda x: tf.io.parse_example(x, spec)).map(lambda ex: tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1))
-    parts = [t.numpy() for t in ds]
-    return np.concatenate(parts) if parts else np.zeros((0, 2 * spec[features.LABELS].shape[0]), dtype=np.float32)
+    width = 2 * spec[features.LABELS].shape[0]
+    batches = list(tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096))
+    records = tf.concat(batches, axis=0) if batches else tf.constant([], tf.string)
+    targets = [
+        tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1).numpy() for ex in (tf.io.parse_example(b, spec) for b in batches)
+    ]
+    return TransformedSplit(tuple(files), records, np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.float32))
 
 
 def make_dataset(
     cfg: FeatureConfig,
     tft_output,
-    files: Sequence[str],
+    split: TransformedSplit,
     batch_size: int,
     shuffle: bool,
     only_labelled: bool,
     targets: Optional[np.ndarray] = None,
     extra: Optional[Tuple[List[bytes], np.ndarray]] = None,
 ):
-    """(features, labels) batches; the category target is ``[labels | mask]``.
+    """(features, labels) batches of ``split``; the category target is ``[labels | mask]``.
 
     ``targets`` (``[examples in file order, 2 * categories]``) replaces the stored rule labels
     and masks, e.g. with self-training's pseudo-labels; ``extra`` is ``(serialized examples,
     targets)`` added as they are (:func:`null_evidence_examples`).
 
-    Serialized records are filtered, cached in memory and shuffled, then parsed a batch at a
-    time: one ``parse_example`` per batch instead of one per record, and no file reading or
-    decompression after the first epoch.
+    Batches are gathered from the records in memory by a shuffled index (a full shuffle each
+    epoch, no element copies into a shuffle buffer), then parsed a batch at a time: one
+    ``parse_example`` per batch instead of one per record.
     """
     import tensorflow as tf
 
     spec = tft_output.transformed_feature_spec()
-    if targets is None:
-        targets = stored_targets(tft_output, files)
-    targets = targets.astype(np.float32)
+    targets = (split.targets if targets is None else targets).astype(np.float32)
+    records = split.records
+    if extra is not None:
+        records = tf.concat([records, tf.constant(extra[0], tf.string)], axis=0)
+        targets = np.concatenate([targets, extra[1].astype(np.float32)])
     if only_labelled:
         keep = targets[:, : targets.shape[1] // 2].sum(axis=1) > 0
+        # extra examples (every class a known negative) are kept however they are labelled
+        if extra is not None:
+            keep[len(keep) - len(extra[0]) :] = True
     else:
         keep = np.ones(len(targets), dtype=bool)
-    records = tf.data.TFRecordDataset(files, compression_type="GZIP")
-    ds = tf.data.Dataset.zip((records, tf.data.Dataset.from_tensor_slices(keep), tf.data.Dataset.from_tensor_slices(targets)))
-    ds = ds.filter(lambda _record, kept, _target: kept).map(lambda record, _kept, target: (record, target))
-    if extra is not None:
-        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices((tf.constant(extra[0], tf.string), extra[1].astype(np.float32))))
-    ds = ds.cache()
+    kept = np.flatnonzero(keep)
+    targets = tf.constant(targets)
+    ds = tf.data.Dataset.from_tensor_slices(kept)
     if shuffle:
-        ds = ds.shuffle(20000, seed=cfg.model.seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(kept), seed=cfg.model.seed, reshuffle_each_iteration=True)
     spec = {k: v for k, v in spec.items() if k not in (features.LABELS, features.LABEL_MASK)}
 
-    def parse(records, batch_targets):
-        ex = tf.io.parse_example(records, spec)
+    def parse(index):
+        ex = tf.io.parse_example(tf.gather(records, index), spec)
+        batch_targets = tf.gather(targets, index)
         labels = {CATEGORIES: batch_targets, PROXIES: batch_targets}
         for attr in cfg.labels.attributes:
             labels[attr.name] = ex.pop(features.attribute_key(attr.name))
@@ -374,13 +392,13 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     tft_output = tft.TFTransformOutput(storage.join(preprocess_dir, "transform_fn"))
     tree = CategoryTree.from_records(storage.read_json(storage.join(preprocess_dir, "categories.json")))
     vocab, attr_sizes, attr_vocab = vocabulary_sizes(cfg, tft_output)
-    train_files = transformed_files(preprocess_dir, "train")
-    rule_targets = stored_targets(tft_output, train_files)
+    train_split = read_split(tft_output, preprocess_dir, "train")
+    rule_targets = train_split.targets
     num_examples = int((rule_targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(rule_targets)
     null_count = round(m.null_evidence_share * num_examples)
     null = null_evidence_examples(cfg, tft_output, len(tree), null_count, m.seed) if null_count else None
-    train_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, rule_targets, null)
-    eval_ds = make_dataset(cfg, tft_output, transformed_files(preprocess_dir, "eval"), m.batch_size, False, m.train_only_labelled)
+    train_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled, rule_targets, null)
+    eval_ds = make_dataset(cfg, tft_output, read_split(tft_output, preprocess_dir, "eval"), m.batch_size, False, m.train_only_labelled)
     golden = golden_set(cfg, preprocess_dir, tree) if m.threshold_labels == "golden" else None
     model = build_model(cfg, len(tree), vocab, attr_sizes, tree.level_columns(tree.levels))
     model.summary(print_fn=log.info)
@@ -391,10 +409,10 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
     rounds = []
     for round_no in range(1, m.self_training_rounds + 1):
-        in_order = make_dataset(cfg, tft_output, train_files, SCORING_BATCH, False, False, rule_targets)
+        in_order = make_dataset(cfg, tft_output, train_split, SCORING_BATCH, False, False, rule_targets)
         targets, added = pseudo_labels(score_examples(model, in_order), *np.split(rule_targets, 2, axis=1), tree, m.self_training_min_score)
         round_examples = int((targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(targets)
-        round_ds = make_dataset(cfg, tft_output, train_files, m.batch_size, True, m.train_only_labelled, targets, null)
+        round_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled, targets, null)
         round_history, round_seconds = fit(
             model,
             round_ds,
