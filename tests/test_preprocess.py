@@ -27,7 +27,9 @@ from pipelines.preprocess import (
     WriteDeadLetters,
     label_vectors,
     preprocess,
+    raw_record_batch,
     split_of,
+    to_raw_example,
 )
 
 from conftest import REPO
@@ -283,3 +285,34 @@ def test_transform_splits_analyses_the_train_split_only_and_writes_every_split(t
     assert transformed("train") == [([0, 1], 0), ([0, 2], 1)]
     assert transformed("eval") == [([2, 3], 2)]
     assert transformed("test") == [([3], 1)]
+
+
+def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):
+    import numpy as np
+    import tensorflow_transform as tft
+    from tensorflow_transform.tf_metadata import schema_utils
+    from tfx_bsl.coders import example_coder
+    from tfx_bsl.public import tfxio
+
+    from core import features
+
+    spec = features.raw_feature_spec(cfg, len(TREE))
+    schema = schema_utils.schema_from_feature_spec(spec)
+    source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["test"], schema=schema)
+    rng = np.random.default_rng(0)
+    rows = [
+        {**doc("1", title="Puma Men Blue Tshirt", usage=""), "image_embedding": rng.random(1280).tolist(), "has_image": 1},
+        {**doc("2", title="Café Women Heels", gender=""), "image_embedding": None, "has_image": 0},
+    ]
+    for r in rows:
+        r.update(zip((features.LABELS, features.LABEL_MASK), label_vectors(TREE, ["Footwear > Shoes > Heels"])))
+    batch = raw_record_batch(rows, cfg, source.ArrowSchema())
+    from_batch = tf.io.parse_example(example_coder.RecordBatchToExamples(batch), spec)
+    coder = tft.coders.ExampleProtoCoder(schema)
+    from_examples = tf.io.parse_example([coder.encode(to_raw_example(r, cfg)) for r in rows], spec)
+    assert batch.num_rows == 2 and set(from_batch) == set(spec)
+    for name in spec:
+        a, b = from_batch[name], from_examples[name]
+        if isinstance(a, tf.SparseTensor):
+            a, b = tf.sparse.to_dense(a), tf.sparse.to_dense(b)
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
