@@ -182,9 +182,9 @@ class Neighbours:
     group_by: str = "predicted"
     brute_force_below: int = 40000
     query_chunk: int = 4096
-    leaves_per_sqrt_n: float = 1.0
-    leaves_to_search_fraction: float = 0.1
-    reorder_k: int = 400
+    leaf_size: int = 1000
+    target_recall: float = 0.97
+    recall_queries: int = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +323,9 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.model.type in MODEL_TYPES, f"model.type: must be one of {list(MODEL_TYPES)}"),
         (cfg.neighbours.group_by in GROUP_BY, f"neighbours.group_by: must be one of {list(GROUP_BY)}"),
         (1 <= cfg.neighbours.group_level <= cfg.labels.levels, "neighbours.group_level: must be within labels.levels"),
+        (cfg.neighbours.leaf_size >= 2, "neighbours.leaf_size: must be >= 2"),
+        (0 < cfg.neighbours.target_recall <= 1, "neighbours.target_recall: must be in (0, 1]"),
+        (cfg.neighbours.recall_queries >= 1, "neighbours.recall_queries: must be >= 1"),
         (0 < cfg.split.test_percent < 100 and 0 < cfg.split.eval_percent < 100, "split: percents must be in (0, 100)"),
         (cfg.model.target_precision is None or 0 < cfg.model.target_precision <= 1, "model.target_precision: must be in (0, 1] or null"),
         (cfg.model.threshold_labels in THRESHOLD_LABELS, f"model.threshold_labels: must be one of {list(THRESHOLD_LABELS)}"),

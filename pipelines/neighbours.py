@@ -3,9 +3,10 @@
 A Beam pipeline joins the clean rows (embeddings) with each product's group (its predicted,
 rule or true category at ``group_level``) and groups by category (``GroupByCategory``), searches
 each group (``SearchNeighbours``, which also saves the group's searcher) and writes the records
-(``WriteNeighbours``). A group is searched exactly (numpy matrix products) below
-``brute_force_below`` products, with ScaNN partitioned + quantised + reordered above it, queries
-in chunks. Products without a usable embedding get no neighbours and are never anyone's neighbour.
+(``WriteNeighbours``). A group is searched exactly (ScaNN brute force) below ``brute_force_below``
+products; above it, k-means leaves are searched one at a time, each leaf's products together among
+the products put into that leaf (``partitioned_blocks``). Products without a usable embedding get
+no neighbours and are never anyone's neighbour.
 """
 
 from __future__ import annotations
@@ -48,27 +49,18 @@ def normalise(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def build_searcher(vectors: np.ndarray, k: int, settings: Neighbours) -> Any:
-    """A ScaNN searcher over unit ``vectors`` (dot product = cosine), settings from the group size."""
+def brute_force_searcher(unit: np.ndarray, k: int) -> Any:
+    """A ScaNN brute-force searcher over unit ``vectors`` (dot product = cosine): exact answers, for
+    the group's own queries below ``brute_force_below`` and, serialised, for single new products."""
     from services.scann_search import scann_ops_pybind
 
-    n = len(vectors)
-    builder = scann_ops_pybind.builder(vectors, k, "dot_product")
-    if n < settings.brute_force_below:
-        return builder.score_brute_force().build()
-    leaves = max(2, int(round(math.sqrt(n) * settings.leaves_per_sqrt_n)))
-    to_search = max(1, int(math.ceil(leaves * settings.leaves_to_search_fraction)))
-    return (
-        builder.tree(num_leaves=leaves, num_leaves_to_search=to_search, training_sample_size=min(n, 250_000))
-        .score_ah(2, anisotropic_quantization_threshold=0.2)
-        .reorder(max(settings.reorder_k, k))
-        .build()
-    )
+    return scann_ops_pybind.builder(unit, k, "dot_product").score_brute_force().build()
 
 
 def exact_search(unit: np.ndarray, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` rows of ``unit`` for each query by dot product: (indices, scores), best first,
-    ties by index; blocks of queries keep the similarity matrix under ``EXACT_BLOCK_ELEMENTS``."""
+    ties by index; blocks of queries keep the similarity matrix under ``EXACT_BLOCK_ELEMENTS``.
+    Used for the few sampled queries that choose a partitioned search's spill."""
     k = min(k, len(unit))
     block = max(1, EXACT_BLOCK_ELEMENTS // len(unit))
     found, scores = [], []
@@ -82,24 +74,93 @@ def exact_search(unit: np.ndarray, queries: np.ndarray, k: int) -> Tuple[np.ndar
     return np.concatenate(found), np.concatenate(scores)
 
 
-def group_query(unit: np.ndarray, k: int, settings: Neighbours, keep_searcher: bool = False) -> Tuple[Query, Optional[Any]]:
-    """A batch query over a group's unit vectors and, where built, its ScaNN searcher.
+Block = Tuple[np.ndarray, np.ndarray, np.ndarray]  # query rows, their neighbours' rows, scores
 
-    Below ``brute_force_below`` the query is exact numpy search: on 2 cores it beat both ScaNN's
-    brute force and its tree up to about 40k vectors of 1280 dimensions (benchmarks/results).
-    ``keep_searcher`` builds a ScaNN searcher there too, to serialise for single new queries.
-    """
-    exact = len(unit) < settings.brute_force_below
-    searcher = build_searcher(unit, k, settings) if keep_searcher or not exact else None
-    if exact:
-        return (lambda queries: exact_search(unit, queries, k)), searcher
-    return (lambda queries: searcher.search_batched(queries, final_num_neighbors=k)), searcher
+
+def exact_blocks(searcher: Any, unit: np.ndarray, k: int, chunk: int) -> Iterator[Block]:
+    """Every row's exact top-``k`` (itself included) from a brute-force ``searcher``, ``chunk`` rows at a time."""
+    for start in range(0, len(unit), chunk):
+        rows = np.arange(start, min(len(unit), start + chunk))
+        found, scores = searcher.search_batched_parallel(unit[rows], final_num_neighbors=k)
+        yield rows, found.astype(np.int64), scores
+
+
+def leaf_similarities(unit: np.ndarray, centroids: np.ndarray, spill: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest leaf and its ``spill`` nearest leaves (any order), in chunks."""
+    n, leaves = len(unit), len(centroids)
+    primary = np.empty(n, dtype=np.int64)
+    spilled = np.empty((n, spill), dtype=np.int64)
+    for start in range(0, n, 65536):
+        sims = unit[start : start + 65536] @ centroids.T
+        primary[start : start + 65536] = np.argmax(sims, axis=1)
+        spilled[start : start + 65536] = np.argpartition(-sims, spill - 1, axis=1)[:, :spill] if spill < leaves else np.arange(leaves)
+    return primary, spilled
+
+
+def choose_spill(unit: np.ndarray, centroids: np.ndarray, k: int, settings: Neighbours, seed: int) -> Tuple[int, float]:
+    """The fewest leaves each row must be put into so that, on ``recall_queries`` sampled rows, the
+    share of exact top-``k`` neighbours found in the query's own leaf reaches ``target_recall``.
+
+    A query searches the rows put into its nearest leaf, so its true neighbour ``y`` is found when
+    that leaf is among ``y``'s ``spill`` nearest leaves: the spill is a quantile of that leaf's rank."""
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(unit), size=min(len(unit), settings.recall_queries), replace=False)
+    truth, _ = exact_search(unit, unit[sample], k)
+    query_leaf = np.argmax(unit[sample] @ centroids.T, axis=1)
+    neighbour_sims = unit[truth.ravel()] @ centroids.T
+    own = neighbour_sims[np.arange(len(neighbour_sims)), np.repeat(query_leaf, truth.shape[1])]
+    ranks = np.sort((neighbour_sims > own[:, None]).sum(axis=1))
+    spill = int(ranks[max(0, math.ceil(settings.target_recall * len(ranks)) - 1)]) + 1
+    return spill, float(np.mean(ranks < spill))
+
+
+def partitioned_blocks(unit: np.ndarray, k: int, settings: Neighbours, seed: int = 0) -> Iterator[Block]:
+    """Every row's approximate top-``k`` (itself included), one leaf at a time.
+
+    k-means splits the group into leaves of about ``leaf_size`` rows; each row is also put into its
+    next nearest leaves (the spill, chosen for ``target_recall``). The rows whose nearest leaf is
+    ``l`` are searched together, exactly, among the rows put into ``l``: one many-to-many ScaNN
+    brute-force search per leaf, not one scan of memory per query."""
+    from sklearn.cluster import KMeans
+
+    n = len(unit)
+    leaves = max(2, int(round(n / settings.leaf_size)))
+    rng = np.random.default_rng(seed)
+    train = unit[np.sort(rng.choice(n, size=min(n, max(20_000, 20 * leaves)), replace=False))]
+    kmeans = KMeans(leaves, init="random", n_init=1, max_iter=20, random_state=seed).fit(train)
+    centroids, _ = normalise(kmeans.cluster_centers_)
+    spill, estimated = choose_spill(unit, centroids, k, settings, seed)
+    log.info("neighbours: %d products in %d leaves, each put into %d (estimated recall %.3f)", n, leaves, spill, estimated)
+    primary, spilled = leaf_similarities(unit, centroids, spill)
+    members = np.argsort(spilled.ravel(), kind="stable")
+    member_rows = members // spill
+    member_bounds = np.searchsorted(spilled.ravel()[members], np.arange(leaves + 1))
+    queries = np.argsort(primary, kind="stable")
+    query_bounds = np.searchsorted(primary[queries], np.arange(leaves + 1))
+    for leaf in range(leaves):
+        rows = queries[query_bounds[leaf] : query_bounds[leaf + 1]]
+        if len(rows) == 0:
+            continue
+        candidates = member_rows[member_bounds[leaf] : member_bounds[leaf + 1]]
+        searcher = brute_force_searcher(unit[candidates], min(k, len(candidates)))
+        found, scores = searcher.search_batched_parallel(unit[rows], final_num_neighbors=min(k, len(candidates)))
+        yield rows, candidates[found.astype(np.int64)], scores
+
+
+def neighbour_blocks(unit: np.ndarray, k: int, settings: Neighbours, searcher: Optional[Any] = None) -> Iterator[Block]:
+    """Every row's top-``k`` (itself included): exact below ``brute_force_below`` rows (with
+    ``searcher``, an exact one of ``unit``, where already built), partitioned above."""
+    if len(unit) < settings.brute_force_below:
+        return exact_blocks(searcher or brute_force_searcher(unit, k), unit, k, settings.query_chunk)
+    return partitioned_blocks(unit, k, settings)
 
 
 def search_group(
     ids: Sequence[str], vectors: np.ndarray, settings: Neighbours, searcher_dir: Optional[str] = None
 ) -> Iterator[Tuple[str, List[Tuple[str, float]]]]:
-    """Each product's top-k neighbours (itself excluded) among ``ids``; chunked queries."""
+    """Each product's top-k neighbours (itself excluded) among ``ids``: exact below
+    ``brute_force_below`` products, partitioned above; with ``searcher_dir``, an exact ScaNN searcher
+    of the group is serialised there for single new products."""
     unit, ok = normalise(vectors)
     keep = np.flatnonzero(ok)
     ids = [ids[i] for i in keep]
@@ -109,15 +170,13 @@ def search_group(
             yield pid, []
         return
     k = min(settings.k, len(ids) - 1)
-    query, searcher = group_query(unit, k + 1, settings, keep_searcher=searcher_dir is not None)
+    searcher = None
     if searcher_dir is not None:
+        searcher = brute_force_searcher(unit, k + 1)
         searcher.serialize(searcher_dir, relative_path=True)  # loadable wherever the folder is copied
-    for start in range(0, len(ids), settings.query_chunk):
-        found, scores = query(unit[start : start + settings.query_chunk])
-        for row, (idx, sc) in enumerate(zip(found, scores)):
-            me = start + row
-            # ScaNN pads a row with index 0 and a NaN score when its searched leaves held fewer than k
-            pairs = [(ids[j], round(float(s), 5)) for j, s in zip(idx, sc) if int(j) != me and np.isfinite(s)][:k]
+    for rows, found, scores in neighbour_blocks(unit, k + 1, settings, searcher):
+        for me, idx, sc in zip(rows, found, scores):
+            pairs = [(ids[j], round(float(s), 5)) for j, s in zip(idx, sc) if j != me and np.isfinite(s)][:k]
             yield ids[me], pairs
 
 

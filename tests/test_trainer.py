@@ -25,7 +25,7 @@ from trainer.model import (
     masked_sparse_crossentropy,
     proxy_crossentropy,
 )
-from trainer.train import choose_thresholds, pseudo_labels
+from trainer.train import TransformedSplit, choose_thresholds, make_dataset, pseudo_labels, with_examples
 
 from conftest import REPO
 
@@ -100,6 +100,34 @@ def test_lazy_adam_updates_only_the_rows_of_a_sparse_gradient_and_matches_adam_o
     dense = tf.Variable(tf.ones([2]))
     LazyAdam(learning_rate=0.1).apply_gradients([(tf.constant([1.0, 0.0]), dense)])
     assert dense.numpy()[0] < 1.0
+
+
+def test_extra_examples_are_always_trained_on_and_never_scored_or_relabelled(cfg):
+    from types import SimpleNamespace
+
+    spec = {"x": tf.io.FixedLenFeature([1], tf.float32)}
+    spec.update({k: tf.io.FixedLenFeature([2], tf.float32) for k in ("labels", "label_mask")})
+
+    def example(x):
+        feature = {"x": tf.train.Feature(float_list=tf.train.FloatList(value=[x]))}
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    # rows 0 and 2 rule-labelled, row 1 not; two extra rows, every class a known negative
+    own = np.asarray([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]], np.float32)
+    split = TransformedSplit(("train-0",), tf.constant([example(x) for x in (0, 1, 2)]), own)
+    split = with_examples(split, [example(10), example(11)], np.asarray([[0, 0, 1, 1]] * 2, np.float32))
+    no_attributes = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, attributes=()))
+    tft_output = SimpleNamespace(transformed_feature_spec=lambda: spec)
+
+    def rows(**kwargs):
+        batches = make_dataset(no_attributes, tft_output, split, 8, False, **kwargs)
+        return [(float(x), t.tolist()) for f, y in batches for x, t in zip(f["x"][:, 0], y["categories"].numpy())]
+
+    assert split.own == 3 and split.extra == 2
+    assert [x for x, _ in rows(only_labelled=True)] == [0, 2, 10, 11]
+    assert [x for x, _ in rows(only_labelled=False, with_extra=False)] == [0, 1, 2]
+    relabelled = rows(only_labelled=True, targets=np.asarray([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]], np.float32))
+    assert relabelled == [(0, [1, 0, 1, 1]), (1, [1, 1, 1, 1]), (10, [0, 0, 1, 1]), (11, [0, 0, 1, 1])]
 
 
 def test_attribute_head_loss_is_zero_where_label_missing():
@@ -294,9 +322,9 @@ def trained(cfg, tmp_path_factory):
     built = []
     original = train_module.make_dataset
 
-    def recording_make_dataset(cfg_, tft_output, split, batch_size, shuffle, only_labelled, targets=None, extra=None):
+    def recording_make_dataset(cfg_, tft_output, split, batch_size, shuffle, only_labelled, targets=None, with_extra=True):
         built.append({"files": list(split.files), "shuffle": shuffle})
-        return original(cfg_, tft_output, split, batch_size, shuffle, only_labelled, targets, extra)
+        return original(cfg_, tft_output, split, batch_size, shuffle, only_labelled, targets, with_extra)
 
     train_module.make_dataset = recording_make_dataset
     try:

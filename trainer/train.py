@@ -41,11 +41,18 @@ def transformed_files(preprocess_dir: str, split: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class TransformedSplit:
     """One split's serialized transformed examples, read once into memory, and their stored
-    ``[labels | mask]`` (rule labels) in file order."""
+    ``[labels | mask]`` (rule labels) in file order; the last ``extra`` rows are synthetic examples
+    added once per training (:func:`with_examples`), every class a known negative."""
 
     files: Tuple[str, ...]
     records: Any  # tf.string tensor [examples]
     targets: np.ndarray  # float32 [examples, 2 * categories]
+    extra: int = 0
+
+    @property
+    def own(self) -> int:
+        """How many rows are the split's own examples (the first ones)."""
+        return len(self.targets) - self.extra
 
 
 def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
@@ -64,6 +71,19 @@ def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
     return TransformedSplit(tuple(files), records, np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.float32))
 
 
+def with_examples(split: TransformedSplit, serialized: List[bytes], targets: np.ndarray) -> TransformedSplit:
+    """``split`` with ``serialized`` examples appended as its extra rows: one copy of the records
+    per training, however many datasets are made of it."""
+    import tensorflow as tf
+
+    return TransformedSplit(
+        split.files,
+        tf.concat([split.records, tf.constant(serialized, tf.string)], axis=0),
+        np.concatenate([split.targets, targets.astype(np.float32)]),
+        split.extra + len(serialized),
+    )
+
+
 def make_dataset(
     cfg: FeatureConfig,
     tft_output,
@@ -72,13 +92,13 @@ def make_dataset(
     shuffle: bool,
     only_labelled: bool,
     targets: Optional[np.ndarray] = None,
-    extra: Optional[Tuple[List[bytes], np.ndarray]] = None,
+    with_extra: bool = True,
 ):
     """(features, labels) batches of ``split``; the category target is ``[labels | mask]``.
 
-    ``targets`` (``[examples in file order, 2 * categories]``) replaces the stored rule labels
-    and masks, e.g. with self-training's pseudo-labels; ``extra`` is ``(serialized examples,
-    targets)`` added as they are (:func:`null_evidence_examples`).
+    ``targets`` (``[the split's own examples in file order, 2 * categories]``) replaces their
+    stored rule labels and masks, e.g. with self-training's pseudo-labels; the extra rows keep
+    theirs and, with ``with_extra``, are always included (``only_labelled`` does not drop them).
 
     Batches are gathered from the records in memory by a shuffled index (a full shuffle each
     epoch, no element copies into a shuffle buffer), then parsed a batch at a time: one
@@ -87,19 +107,14 @@ def make_dataset(
     import tensorflow as tf
 
     spec = tft_output.transformed_feature_spec()
-    targets = (split.targets if targets is None else targets).astype(np.float32)
-    records = split.records
-    if extra is not None:
-        records = tf.concat([records, tf.constant(extra[0], tf.string)], axis=0)
-        targets = np.concatenate([targets, extra[1].astype(np.float32)])
-    if only_labelled:
-        keep = targets[:, : targets.shape[1] // 2].sum(axis=1) > 0
-        # extra examples (every class a known negative) are kept however they are labelled
-        if extra is not None:
-            keep[len(keep) - len(extra[0]) :] = True
+    if targets is None:
+        targets = split.targets
     else:
-        keep = np.ones(len(targets), dtype=bool)
+        targets = np.concatenate([targets.astype(np.float32), split.targets[split.own :]])
+    keep = targets[:, : targets.shape[1] // 2].sum(axis=1) > 0 if only_labelled else np.ones(len(targets), dtype=bool)
+    keep[split.own :] = with_extra
     kept = np.flatnonzero(keep)
+    records = split.records
     targets = tf.constant(targets)
     ds = tf.data.Dataset.from_tensor_slices(kept)
     if shuffle:
@@ -396,8 +411,9 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     rule_targets = train_split.targets
     num_examples = int((rule_targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(rule_targets)
     null_count = round(m.null_evidence_share * num_examples)
-    null = null_evidence_examples(cfg, tft_output, len(tree), null_count, m.seed) if null_count else None
-    train_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled, rule_targets, null)
+    if null_count:
+        train_split = with_examples(train_split, *null_evidence_examples(cfg, tft_output, len(tree), null_count, m.seed))
+    train_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled)
     eval_ds = make_dataset(cfg, tft_output, read_split(tft_output, preprocess_dir, "eval"), m.batch_size, False, m.train_only_labelled)
     golden = golden_set(cfg, preprocess_dir, tree) if m.threshold_labels == "golden" else None
     model = build_model(cfg, len(tree), vocab, attr_sizes, tree.level_columns(tree.levels))
@@ -409,10 +425,10 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
     rounds = []
     for round_no in range(1, m.self_training_rounds + 1):
-        in_order = make_dataset(cfg, tft_output, train_split, SCORING_BATCH, False, False, rule_targets)
+        in_order = make_dataset(cfg, tft_output, train_split, SCORING_BATCH, False, False, with_extra=False)
         targets, added = pseudo_labels(score_examples(model, in_order), *np.split(rule_targets, 2, axis=1), tree, m.self_training_min_score)
         round_examples = int((targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(targets)
-        round_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled, targets, null)
+        round_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled, targets)
         round_history, round_seconds = fit(
             model,
             round_ds,
