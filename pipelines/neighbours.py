@@ -50,7 +50,7 @@ def normalise(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def brute_force_searcher(unit: np.ndarray, k: int) -> Any:
-    """A ScaNN brute-force searcher over unit ``vectors`` (dot product = cosine): exact answers, for
+    """A ScaNN brute-force searcher over the unit rows ``unit`` (dot product = cosine): exact answers, for
     the group's own queries below ``brute_force_below`` and, serialised, for single new products."""
     from services.scann_search import scann_ops_pybind
 
@@ -137,14 +137,16 @@ def partitioned_blocks(unit: np.ndarray, k: int, settings: Neighbours, seed: int
     member_bounds = np.searchsorted(spilled.ravel()[members], np.arange(leaves + 1))
     queries = np.argsort(primary, kind="stable")
     query_bounds = np.searchsorted(primary[queries], np.arange(leaves + 1))
+    report_every = max(1, leaves // 10)
     for leaf in range(leaves):
         rows = queries[query_bounds[leaf] : query_bounds[leaf + 1]]
-        if len(rows) == 0:
-            continue
-        candidates = member_rows[member_bounds[leaf] : member_bounds[leaf + 1]]
-        searcher = brute_force_searcher(unit[candidates], min(k, len(candidates)))
-        found, scores = searcher.search_batched_parallel(unit[rows], final_num_neighbors=min(k, len(candidates)))
-        yield rows, candidates[found.astype(np.int64)], scores
+        if len(rows):
+            candidates = member_rows[member_bounds[leaf] : member_bounds[leaf + 1]]
+            searcher = brute_force_searcher(unit[candidates], min(k, len(candidates)))
+            found, scores = searcher.search_batched_parallel(unit[rows], final_num_neighbors=min(k, len(candidates)))
+            yield rows, candidates[found.astype(np.int64)], scores
+        if (leaf + 1) % report_every == 0:
+            log.info("neighbours: %d of %d leaves searched (%d products)", leaf + 1, leaves, query_bounds[leaf + 1])
 
 
 def neighbour_blocks(unit: np.ndarray, k: int, settings: Neighbours, searcher: Optional[Any] = None) -> Iterator[Block]:
