@@ -30,9 +30,9 @@ import numpy as np
 
 from benchmarks.quality import level_summary
 from benchmarks.results_file import write_results
-from core import features, storage
+from core import storage
 from core.config import FEWSHOT_CLASSIFIERS, FeatureConfig, load_config
-from core.rows import read_clean_rows
+from core.rows import RULE_CATEGORIES, read_clean_rows
 from core.taxonomy import CategoryTree
 from services.catalogue import RuleLabeller
 from trainer.fewshot import PROBE, apply_matches, build_prototypes, fit_probe, group_examples, match, match_probe, normalise
@@ -108,7 +108,7 @@ def fewshot_run(
     taken: Dict[str, int] = {}
     rule_labels: List = [None] * len(train_rows)
     for i, r in enumerate(train_rows):
-        finest = [c for c in r[features.RULE_CATEGORIES] or [] if tree.level_of(c) == tree.levels]
+        finest = [c for c in r[RULE_CATEGORIES] or [] if tree.level_of(c) == tree.levels]
         if human_labels[i] is None and len(finest) == 1 and taken.get(finest[0], 0) < cfg.fewshot.rule_examples:
             taken[finest[0]] = taken.get(finest[0], 0) + 1
             rule_labels[i] = finest[0]

@@ -21,9 +21,9 @@ from typing import Dict, List
 import numpy as np
 
 from benchmarks.results_file import write_results
-from core import features, storage
+from core import storage
 from core.config import load_config
-from core.rows import read_clean_rows
+from core.rows import RULE_CATEGORIES, read_clean_rows
 from core.taxonomy import CategoryTree
 from services.catalogue import RuleLabeller
 from trainer.metrics import evaluate_predictions, truth_matrix
@@ -55,8 +55,8 @@ def sklearn_baseline(train_rows: List[dict], test_rows: List[dict], tree: Catego
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
-    labelled = [r for r in train_rows if r[features.RULE_CATEGORIES]]
-    y = truth_matrix(tree, [r[features.RULE_CATEGORIES] for r in labelled])
+    labelled = [r for r in train_rows if r[RULE_CATEGORIES]]
+    y = truth_matrix(tree, [r[RULE_CATEGORIES] for r in labelled])
     used = np.flatnonzero(y.any(axis=0) & ~y.all(axis=0))
     vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
     x = vectorizer.fit_transform([text_of(r) for r in labelled])
@@ -124,7 +124,7 @@ def main() -> None:
     cfg = load_config(REPO / "feature_config.yaml")
     truth_field = cfg.labels.ground_truth_field
     tree = CategoryTree.from_records(storage.read_json(storage.join(args.preprocess_dir, "categories.json")))
-    rows = list(read_clean_rows(args.preprocess_dir, columns=["id", "title", "gender", "split", features.RULE_CATEGORIES, truth_field]))
+    rows = list(read_clean_rows(args.preprocess_dir, columns=["id", "title", "gender", "split", RULE_CATEGORIES, truth_field]))
     test = [r for r in rows if r["split"] == "test"]
     train_rows = [r for r in rows if r["split"] == "train"]
     truth = truth_matrix(tree, [[r[truth_field]] for r in test])
@@ -134,7 +134,7 @@ def main() -> None:
         for lvl, values in level_summary(metrics).items():
             levels.setdefault(lvl, {})[system] = values
 
-    rules = truth_matrix(tree, [r[features.RULE_CATEGORIES] or [] for r in test])
+    rules = truth_matrix(tree, [r[RULE_CATEGORIES] or [] for r in test])
     rules_metrics = evaluate_predictions(rules.astype(np.float32), rules, truth, tree)
     add("rules", rules_metrics)
     scores, positive, sk_info = sklearn_baseline(train_rows, test, tree)
@@ -198,7 +198,7 @@ def main() -> None:
         "train_examples_per_s_by_model": {m: round(v["train_examples_per_s"], 1) for m, v in median_run.items()},
         "sklearn": sk_info,
         "split": {s: sum(r["split"] == s for r in rows) for s in ("train", "eval", "test")},
-        "labelled_train_examples": sum(bool(r[features.RULE_CATEGORIES]) for r in train_rows),
+        "labelled_train_examples": sum(bool(r[RULE_CATEGORIES]) for r in train_rows),
     }
     write_results(NAME, result)
     print(json.dumps({k: v for k, v in result.items() if k != "levels"}, indent=1))

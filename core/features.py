@@ -16,12 +16,6 @@ from core.config import FeatureConfig, TextInput
 
 LABELS = "labels"
 LABEL_MASK = "label_mask"
-# the clean rows' column of the rule labels with their ancestors; the documents' field they come from is
-# the config's labels.rule_field. Clean rows are prodcat's own schema, so their readers need no config.
-RULE_CATEGORIES = "rule_categories"
-# the clean rows' column of the human labels with their ancestors (documents' field: labels.human_field);
-# where a product has human labels they replace its rule labels as training labels and kept decisions
-HUMAN_CATEGORIES = "human_categories"
 GENDER_WORDS = r"(men|women|boys|girls|unisex|kids|man|woman)"
 
 

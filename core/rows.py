@@ -6,6 +6,13 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 
 from core import storage
 
+# the clean rows' column of the rule labels with their ancestors; the documents' field they come from is
+# the config's labels.rule_field. Clean rows are prodcat's own schema, so their readers need no config.
+RULE_CATEGORIES = "rule_categories"
+# the clean rows' column of the human labels with their ancestors (documents' field: labels.human_field);
+# where a product has human labels they replace its rule labels as training labels and kept decisions
+HUMAN_CATEGORIES = "human_categories"
+
 
 def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048) -> Iterator[Dict[str, Any]]:
     """Streams the clean rows of a finished preprocessing stage, row group by row group."""

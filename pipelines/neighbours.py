@@ -26,9 +26,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from core import storage
 from core.config import Neighbours
-from core.features import RULE_CATEGORIES
+from core.rows import RULE_CATEGORIES
 from core.taxonomy import CategoryTree
-from pipelines.preprocess import beam_counters
+from pipelines.counters import beam_counters
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,14 @@ def group_of(prediction: Optional[dict], row: dict, tree: CategoryTree, settings
     return candidates[0] if candidates else None
 
 
+def keyed_row(row: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """(id, clean row), the embedding as a float32 array: between Beam stages one pickled block
+    instead of a list of 1,280 floats encoded one by one."""
+    if row.get("image_embedding") is not None:
+        row = {**row, "image_embedding": np.asarray(row["image_embedding"], dtype=np.float32)}
+    return row["id"], row
+
+
 class AssignGroup(beam.DoFn):
     """(id, {rows, predictions}) -> (group, (id, embedding)), or an empty neighbour record
     (``alone`` output) for a product without a usable embedding or group."""
@@ -351,7 +359,7 @@ def compute_neighbours(
             rows = (
                 p
                 | "ReadCleanRows" >> beam.io.ReadFromParquet(storage.join(preprocess_dir, "clean", "*.parquet"), columns=columns)
-                | "KeyRowsById" >> beam.Map(lambda r: (r["id"], r))
+                | "KeyRowsById" >> beam.Map(keyed_row)
             )
             predictions = p | "ReadPredictions" >> ReadKeyedPredictions(predict_dir)
             groups = {"rows": rows, "predictions": predictions} | "GroupByCategory" >> GroupByCategory(

@@ -28,8 +28,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from core import features, inputs, storage
 from core.config import FeatureConfig
+from core.rows import HUMAN_CATEGORIES, RULE_CATEGORIES
 from core.taxonomy import CategoryTree
 from pipelines import images
+from pipelines.counters import beam_counters
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +138,8 @@ class ValidateProduct(beam.DoFn):
         rules = self._known_categories(doc.get(self._cfg.labels.rule_field), self._unknown_label)
         human = self._known_categories(doc.get(self._cfg.labels.human_field), self._unknown_human_label)
         labels, mask = label_vectors(self._tree, human or rules)  # human labels beat rule labels
-        row[features.RULE_CATEGORIES] = self._tree.closure(rules)
-        row[features.HUMAN_CATEGORIES] = self._tree.closure(human)
+        row[RULE_CATEGORIES] = self._tree.closure(rules)
+        row[HUMAN_CATEGORIES] = self._tree.closure(human)
         row[features.LABELS] = labels
         row[features.LABEL_MASK] = mask
         split = self._cfg.split
@@ -242,8 +244,8 @@ def clean_parquet_schema(cfg: FeatureConfig, attribute_sources: Sequence[str]) -
     return pa.schema(
         [(f, pa.string()) for f in string_fields]
         + [
-            (features.RULE_CATEGORIES, pa.list_(pa.string())),
-            (features.HUMAN_CATEGORIES, pa.list_(pa.string())),
+            (RULE_CATEGORIES, pa.list_(pa.string())),
+            (HUMAN_CATEGORIES, pa.list_(pa.string())),
             ("has_image", pa.int64()),
             ("image_embedding", pa.list_(pa.float32())),
         ]
@@ -404,9 +406,3 @@ def preprocess(
         storage.write_json(storage.join(tmp, "summary.json"), summary)
     log.info("preprocessed %s -> %s: %s", dump_dir, out_dir, summary)
     return summary
-
-
-def beam_counters(result: beam.runners.runner.PipelineResult, namespace: str) -> Dict[str, int]:
-    """A finished pipeline's counters of ``namespace``, by name."""
-    query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))
-    return dict(sorted((r.key.metric.name, r.committed) for r in query["counters"]))

@@ -11,8 +11,7 @@ from typing import Dict, List, Optional
 
 from core import inputs, storage
 from core.config import FeatureConfig, Validation
-from core.features import RULE_CATEGORIES
-from core.rows import read_clean_rows
+from core.rows import RULE_CATEGORIES, read_clean_rows
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from pipelines.neighbours import (
     WriteNeighbours,
     choose_spill,
     exact_search,
+    keyed_row,
     normalise,
     search_group,
 )
@@ -175,6 +176,12 @@ def test_group_by_category_groups_embeddings_by_predicted_category_and_sets_asid
             equal_to([{"id": "p3", "group": "A > A1", "neighbours": []}, {"id": "p4", "group": None, "neighbours": []}]),
             label="alone",
         )
+
+
+def test_keyed_row_carries_the_embedding_as_a_float32_array_and_a_missing_one_as_none():
+    pid, row = keyed_row({"id": "p1", "has_image": 1, "image_embedding": [1.0, 0.5]})
+    assert pid == "p1" and row["image_embedding"].dtype == np.float32 and row["image_embedding"].tolist() == [1.0, 0.5]
+    assert keyed_row({"id": "p2", "has_image": 0, "image_embedding": None}) == ("p2", {"id": "p2", "has_image": 0, "image_embedding": None})
 
 
 def test_search_neighbours_gives_each_usable_product_a_record_and_saves_each_group_searcher_with_its_ids(tmp_path):

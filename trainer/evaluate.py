@@ -11,8 +11,7 @@ import numpy as np
 
 from core import storage
 from core.config import FeatureConfig
-from core.features import RULE_CATEGORIES
-from core.rows import read_clean_rows
+from core.rows import RULE_CATEGORIES, read_clean_rows
 from core.taxonomy import CategoryTree
 from trainer.hierarchy import decide
 from trainer.metrics import evaluate_predictions, truth_matrix

@@ -11,9 +11,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from core import features, storage
+from core import storage
 from core.config import FeatureConfig
-from core.rows import read_clean_rows
+from core.rows import HUMAN_CATEGORIES, RULE_CATEGORIES, read_clean_rows
 from core.taxonomy import CategoryTree
 from trainer.fewshot import (
     PROBE,
@@ -74,8 +74,8 @@ def prototype_examples(
     taken: Counter = Counter()
     chosen: List[Tuple[bool, str, dict]] = []  # (human?, category, row)
     for row in read_clean_rows(preprocess_dir):
-        human_ids = [c for c in row.get(features.HUMAN_CATEGORIES) or [] if c in tree]
-        finest = [c for c in row.get(features.RULE_CATEGORIES) or [] if c in tree and tree.level_of(c) == tree.levels]
+        human_ids = [c for c in row.get(HUMAN_CATEGORIES) or [] if c in tree]
+        finest = [c for c in row.get(RULE_CATEGORIES) or [] if c in tree and tree.level_of(c) == tree.levels]
         if human_ids:
             chosen.append((True, max(human_ids, key=tree.level_of), row))
         elif len(finest) == 1 and taken[finest[0]] < cfg.fewshot.rule_examples:
@@ -142,7 +142,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                 matches = fewshot.match(outputs[EMBEDDING], known, tree)
                 positive, closed = apply_matches(positive, closed, matches, prototypes, tree)
                 human_finest = np.array(
-                    [any(tree.level_of(c) == tree.levels for c in r.get(features.HUMAN_CATEGORIES) or [] if c in tree) for r in rows]
+                    [any(tree.level_of(c) == tree.levels for c in r.get(HUMAN_CATEGORIES) or [] if c in tree) for r in rows]
                 )
                 decided = decided_by(matches, human_finest, known[:, finest].any(axis=1) & ~human_finest, model_finest, fewshot.name)
                 by.update(decided)

@@ -11,8 +11,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from core import features, inputs, storage
+from core import inputs, storage
 from core.config import FeatureConfig
+from core.rows import HUMAN_CATEGORIES, RULE_CATEGORIES
 from core.taxonomy import CategoryTree
 
 SAVED_MODEL = "saved_model"
@@ -63,7 +64,7 @@ class ServingModel:
         any (they beat rule labels), else its rule labels."""
         y = np.zeros((len(rows), len(self.tree)), dtype=bool)
         for i, row in enumerate(rows):
-            labels = row.get(features.HUMAN_CATEGORIES) or row.get(features.RULE_CATEGORIES) or []
+            labels = row.get(HUMAN_CATEGORIES) or row.get(RULE_CATEGORIES) or []
             for cid in self.tree.closure([c for c in labels if c in self.tree]):
                 y[i, self.tree.index[cid]] = True
         return y

@@ -22,7 +22,7 @@ import numpy as np
 
 from core import features, inputs, storage
 from core.config import FeatureConfig
-from core.rows import read_clean_rows
+from core.rows import RULE_CATEGORIES, read_clean_rows
 from core.taxonomy import CategoryTree
 from trainer import serving
 from trainer.hierarchy import decide
@@ -327,7 +327,7 @@ def eval_thresholds(
         rows, truth = golden
         scores, mask = score_rows(serve, cfg, rows), np.ones(truth.shape, dtype=np.float32)
         if m.keep_rule_labels:
-            rules = truth_matrix(tree, [[c for c in r.get(features.RULE_CATEGORIES) or [] if c in tree] for r in rows])
+            rules = truth_matrix(tree, [[c for c in r.get(RULE_CATEGORIES) or [] if c in tree] for r in rows])
             scores = np.where(rules, np.float32(1.0), scores)
     else:
         scores = score_examples(model, eval_ds)
