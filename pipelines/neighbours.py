@@ -17,7 +17,7 @@ import logging
 import math
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = "prodcat.neighbours"
 # cap on one exact-search block of similarities (float32 elements): 64M = 256 MB
 EXACT_BLOCK_ELEMENTS = 64 * 2**20
-
-Query = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
 
 def normalise(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -142,8 +140,9 @@ def partitioned_blocks(unit: np.ndarray, k: int, settings: Neighbours, seed: int
         rows = queries[query_bounds[leaf] : query_bounds[leaf + 1]]
         if len(rows):
             candidates = member_rows[member_bounds[leaf] : member_bounds[leaf + 1]]
-            searcher = brute_force_searcher(unit[candidates], min(k, len(candidates)))
-            found, scores = searcher.search_batched_parallel(unit[rows], final_num_neighbors=min(k, len(candidates)))
+            leaf_k = min(k, len(candidates))
+            searcher = brute_force_searcher(unit[candidates], leaf_k)
+            found, scores = searcher.search_batched_parallel(unit[rows], final_num_neighbors=leaf_k)
             yield rows, candidates[found.astype(np.int64)], scores
         if (leaf + 1) % report_every == 0:
             log.info("neighbours: %d of %d leaves searched (%d products)", leaf + 1, leaves, query_bounds[leaf + 1])
