@@ -22,6 +22,7 @@ IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
 TOKENISERS = ("words", "char_ngrams")
 THRESHOLD_LABELS = ("rules", "golden")
+UPDATE_KINDS = ("predictions", "neighbours")  # what a run writes back into Elasticsearch
 
 
 class ConfigError(ValueError):
@@ -202,6 +203,7 @@ class Publish:
     reconcile_stall_pokes: int = 3
     reconcile_attempts: int = 3
     reconcile_timeout_s: float = 7200.0
+    skip_unchanged: Tuple[str, ...] = ("neighbours",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +341,7 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.fewshot.probe_c > 0, "fewshot.probe_c: must be > 0"),
         (cfg.review.max_per_run >= 0 and cfg.review.per_category >= 0, "review: max_per_run and per_category must be >= 0"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
+        (set(cfg.publish.skip_unchanged) <= set(UPDATE_KINDS), f"publish.skip_unchanged: kinds must be among {list(UPDATE_KINDS)}"),
     ]
     checks += [(False, message) for inp in cfg.inputs for message in inp.problems()]
     for ok, message in checks:

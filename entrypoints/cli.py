@@ -229,16 +229,15 @@ def print_report(es_url: str, run: str, neighbours_run: str, products_index: str
             f"test vs {against:<12} {m['examples']} products: precision@1 {m.get('precision_at_1', 0):.3f}, "
             f"hierarchical F1 {m.get('hierarchical_f1', 0):.3f}, micro-F1 per level {levels}"
         )
-    hits = es.search(index=products_index, query={"exists": {"field": "visual_neighbours.id"}}, size=3, sort=[{"id": "asc"}])["hits"][
-        "hits"
-    ]
-    for hit in hits:
+    with_neighbours = {"bool": {"filter": [{"exists": {"field": "neighbours_run_id"}}, {"exists": {"field": "image_url"}}]}}
+    for hit in es.search(index=products_index, query=with_neighbours, size=3, sort=[{"id": "asc"}])["hits"]["hits"]:
         doc = hit["_source"]
         print(f"{doc['id']}: {doc['title']!r} (true: {doc['true_category']})")
         print("  predicted:", ", ".join(f"{c['id']} {c['score']:.2f}" for c in doc.get("predicted_categories", [])))
-        ids = [n["id"] for n in doc.get("visual_neighbours", [])[:3]]
+        neighbours = doc.get("visual_neighbours", {}).get("ids", [])
+        ids = neighbours[:3]
         titles = {d["_id"]: d["_source"]["title"] for d in es.mget(index=products_index, ids=ids)["docs"] if d.get("found")} if ids else {}
-        print(f"  {len(doc.get('visual_neighbours', []))} neighbours, first: {'; '.join(titles.get(i, i) for i in ids)}")
+        print(f"  {len(neighbours)} neighbours, first: {'; '.join(titles.get(i, i) for i in ids)}")
     print("reports (prodcat report RUN_DIR --open):")
     for folder in (run, neighbours_run):
         print(f"  {storage.join(folder, 'report', 'index.html')}")

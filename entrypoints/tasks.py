@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 from core import storage
 from core.config import FeatureConfig, load_config
@@ -183,7 +183,7 @@ def report(s: RunSettings) -> str:
     return write_report(s.config(), s.run_dir, s.stage("report"))
 
 
-def _target(s: RunSettings, kind: str, source_dir: str) -> Target:
+def _target(s: RunSettings, kind: str, source_dir: str, unchanged: FrozenSet[str] = frozenset()) -> Target:
     from pipelines.writeback import Target
 
     p = s.config().publish
@@ -199,25 +199,32 @@ def _target(s: RunSettings, kind: str, source_dir: str) -> Target:
         version=s.version,
         publish_workers=p.workers,
         publish_batch_size=p.batch_size,
+        unchanged=unchanged,
     )
 
 
 def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
-    """Publishes the run's updates of ``kind``; the summary names what ``wait_indexed`` reconciles."""
-    from pipelines.writeback import update_messages
+    """Publishes the run's updates of ``kind``, but not those Elasticsearch already holds where the
+    kind is in ``publish.skip_unchanged``; the stage folder names what ``wait_indexed`` reconciles
+    (``summary.json``, and ``unchanged_ids.json``: the products left out)."""
+    from pipelines.writeback import unchanged_ids, update_messages
     from services.publish import publish_parallel
 
-    target = _target(s, kind, source_dir)
-    messages = update_messages(kind, storage.require_complete(source_dir), s.run_id, s.version)
+    target = _target(s, kind, storage.require_complete(source_dir))
+    unchanged = unchanged_ids(target) if kind in s.config().publish.skip_unchanged else set()
+    messages = (m for m in update_messages(kind, source_dir, s.run_id, s.version) if m["id"] not in unchanged)
     sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers, target.publish_batch_size)
+    log.info("%s: %d updates sent, %d left out as unchanged", kind, sent[kind], len(unchanged))
     out = s.stage("publish")
     with storage.atomic_stage(out) as tmp:
+        storage.write_json(storage.join(tmp, "unchanged_ids.json"), sorted(unchanged))
         storage.write_json(
             storage.join(tmp, "summary.json"),
             {
                 "kind": kind,
                 "source_dir": source_dir,
                 "sent": sent[kind],
+                "unchanged": len(unchanged),
                 "version": s.version,
                 "run_id": s.run_id,
             },
@@ -246,7 +253,8 @@ def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optiona
     state = (
         ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path) else ReconcileState(published=summary["sent"])
     )
-    state = check(_target(s, summary["kind"], summary["source_dir"]), state, p.reconcile_stall_pokes, p.reconcile_attempts)
+    unchanged = frozenset(storage.read_json(storage.join(publish_dir, "unchanged_ids.json")))
+    state = check(_target(s, summary["kind"], summary["source_dir"], unchanged), state, p.reconcile_stall_pokes, p.reconcile_attempts)
     storage.write_json(state_path, state.to_json())
     if not state.finished:
         return None

@@ -7,19 +7,26 @@ stand-in loses writes it accepted in the second before it is stopped). So the ru
 outcome: when progress stalls with the queue empty, it compares the run's predictions/neighbours files
 with what Elasticsearch holds and re-publishes exactly the updates that are missing, a bounded number
 of times. Updates are versioned, so a re-published or replayed update never overwrites a newer one.
+
+A run need not send what Elasticsearch already holds: :func:`unchanged_ids` names the products
+whose document carries exactly what the run's update would write (most neighbour lists from one
+week to the next; a product without a photo, which has none either way), and the reconciler then
+waits only for the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set
 
+import orjson
 import pika
 from elasticsearch import Elasticsearch, helpers
 
-from services.consumer import DEAD_LETTER_INDEX, FIELDS
+from services.consumer import DEAD_LETTER_INDEX, FIELDS, content_fields, document_content
 from services.publish import RabbitConnection, declare_queues, message, publish_parallel
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,7 @@ class Target:
     version: int
     publish_workers: int = 2
     publish_batch_size: int = 500
+    unchanged: FrozenSet[str] = frozenset()  # products left out of the publication: they hold the update already
 
     @property
     def version_field(self) -> str:
@@ -113,9 +121,36 @@ def settled_ids(target: Target) -> Set[str]:
 
 
 def missing_ids(target: Target) -> Set[str]:
-    """Products of the run's file whose update is neither in Elasticsearch nor dead-lettered."""
+    """Products of the run's file whose update is neither in Elasticsearch nor dead-lettered (nor left
+    out as unchanged)."""
     settled = settled_ids(target)
-    return {m["id"] for m in update_messages(target.kind, target.source_dir, target.run_id, target.version)} - settled
+    return {m["id"] for m in update_messages(target.kind, target.source_dir, target.run_id, target.version)} - settled - target.unchanged
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == [] or value == {} or (isinstance(value, dict) and all(_blank(v) for v in value.values()))
+
+
+def content_digest(content: Mapping[str, Any]) -> bytes:
+    """A digest of a document's update content; an absent, null or empty field (an empty neighbour
+    list included) counts as blank, so a document without neighbours equals an update with none."""
+    normal = {field: None if _blank(value) else value for field, value in content.items()}
+    return hashlib.blake2b(orjson.dumps(normal, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+def unchanged_ids(target: Target) -> Set[str]:
+    """Products whose document already holds exactly the content of the run's update (whichever run
+    wrote it). One scan of the index's update fields; digests, not values, are kept in memory."""
+    fields = content_fields(target.kind)
+    stored = {
+        hit["_id"]: content_digest({f: hit.get("_source", {}).get(f) for f in fields})
+        for hit in helpers.scan(target.es, index=target.index, size=5000, query={"query": {"match_all": {}}, "_source": list(fields)})
+    }
+    return {
+        m["id"]
+        for m in update_messages(target.kind, target.source_dir, target.run_id, target.version)
+        if stored.get(m["id"]) == content_digest(document_content(m))
+    }
 
 
 def ready_messages(rabbit: RabbitConnection, queue: str) -> int:

@@ -28,7 +28,8 @@ import tenacity
 from elasticsearch import ApiError, ConnectionTimeout, Elasticsearch
 from elasticsearch import ConnectionError as EsConnectionError
 
-from services.publish import KINDS, RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
+from core.config import UPDATE_KINDS
+from services.publish import RECOVERABLE, SCHEMA_VERSION, RabbitConnection, connect_with_backoff, declare_queues
 from services.search_index import DEAD_LETTER_MAPPINGS, ensure_index
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,8 @@ def parse_message(body: bytes) -> dict:
         raise PoisonMessage("invalid_schema: not an object")
     if msg.get("schema_version") != SCHEMA_VERSION:
         raise PoisonMessage(f"unsupported_schema_version: {msg.get('schema_version')!r}")
-    if msg.get("kind") not in KINDS:
-        raise PoisonMessage(f"invalid_schema: kind must be one of {list(KINDS)}")
+    if msg.get("kind") not in UPDATE_KINDS:
+        raise PoisonMessage(f"invalid_schema: kind must be one of {list(UPDATE_KINDS)}")
     for key, kind in (("id", str), ("run_id", str), ("version", int), ("body", dict)):
         if not isinstance(msg.get(key), kind) or isinstance(msg.get(key), bool):
             raise PoisonMessage(f"invalid_schema: {key} must be {kind.__name__}")
@@ -109,11 +110,25 @@ def _as_is(value: Any) -> Any:
     return value
 
 
+def content_fields(kind: str) -> Tuple[str, ...]:
+    """The document fields an update of ``kind`` writes, besides its version and run id."""
+    fields = (*FIELDS[kind][2].values(), *OPTIONAL_FIELDS[kind].values())
+    return (*fields, "model_version") if kind == "predictions" else fields
+
+
+def document_content(msg: dict) -> Dict[str, Any]:
+    """What the update ``msg`` writes into the product's document (``content_fields`` of its kind),
+    in the document's shape."""
+    kind = msg["kind"]
+    content = {field: DOCUMENT_SHAPES.get(key, _as_is)(msg["body"][key]) for key, field in FIELDS[kind][2].items()}
+    content.update({field: msg["body"].get(key) for key, field in OPTIONAL_FIELDS[kind].items()})
+    if kind == "predictions":
+        content["model_version"] = msg.get("model_version")
+    return content
+
+
 def update_action(index: str, msg: dict) -> Tuple[dict, dict]:
-    mapping = FIELDS[msg["kind"]][2]
-    params = {"version": msg["version"], "run_id": msg["run_id"], "model_version": msg.get("model_version")}
-    params.update({field: DOCUMENT_SHAPES.get(key, _as_is)(msg["body"][key]) for key, field in mapping.items()})
-    params.update({field: msg["body"].get(key) for key, field in OPTIONAL_FIELDS[msg["kind"]].items()})
+    params = {"version": msg["version"], "run_id": msg["run_id"], "model_version": msg.get("model_version"), **document_content(msg)}
     return {"update": {"_index": index, "_id": msg["id"], "retry_on_conflict": 3}}, {
         "script": {"source": SCRIPTS[msg["kind"]], "lang": "painless", "params": params}
     }

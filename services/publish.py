@@ -26,7 +26,6 @@ import tenacity
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-KINDS = ("predictions", "neighbours")
 RECOVERABLE = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.ChannelClosed,

@@ -67,6 +67,7 @@ def test_unknown_top_level_section_rejected(raw):
         (lambda r: r["model"].update(threshold_labels="test"), "model.threshold_labels: must be one of"),
         (lambda r: r["model"].update(self_training_rounds=-1), "model.self_training_rounds"),
         (lambda r: r["model"].update(self_training_threshold=0.9), r"model: unknown key\(s\) \['self_training_threshold'\]"),
+        (lambda r: r["publish"].update(skip_unchanged=["reviews"]), r"publish.skip_unchanged: kinds must be among \['predictions', "),
     ],
 )
 def test_invalid_values_rejected_with_the_key(raw, mutate, message):

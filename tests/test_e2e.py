@@ -127,21 +127,26 @@ def test_review_index_holds_the_runs_least_certain_products_with_reasons(dag_run
 
 def test_visual_neighbours_come_from_the_products_own_second_level_category(dag_run):
     after = dag_run["after"]
-    groups = {r["id"]: r["group"] for r in read_neighbours(str(dag_run["neighbours_run_dir"] / "neighbours"))}
+    records = list(read_neighbours(str(dag_run["neighbours_run_dir"] / "neighbours")))
+    groups = {r["id"]: r["group"] for r in records}
     with_neighbours = 0
     for pid, doc in after.items():
-        ids, scores = doc["visual_neighbours"]["ids"], doc["visual_neighbours"]["scores"]
-        assert len(ids) == len(scores) <= 100
         if not doc.get("image_url"):
-            assert ids == []
+            assert "visual_neighbours" not in doc  # an empty list is not sent where the document holds none
             continue
+        stored = doc.get("visual_neighbours", {"ids": [], "scores": []})  # absent: alone in its group
+        ids, scores = stored["ids"], stored["scores"]
+        assert len(ids) == len(scores) <= 100
         with_neighbours += bool(ids)
         assert groups[pid] is not None and groups[pid].count(" > ") == 1
         for n in ids:
             assert n != pid and n in after and groups[n] == groups[pid]
         assert scores == sorted(scores, reverse=True)
     assert with_neighbours >= 300
-    assert max(len(d["visual_neighbours"]["ids"]) for d in after.values()) == 100
+    published = json.loads((dag_run["neighbours_run_dir"] / "publish" / "summary.json").read_text())
+    assert published["unchanged"] == sum(not r["neighbours"] for r in records) > 0
+    assert published["sent"] == len(records) - published["unchanged"]
+    assert max(len(d.get("visual_neighbours", {}).get("ids", [])) for d in after.values()) == 100
 
 
 def test_nothing_else_on_the_document_was_lost(dag_run):

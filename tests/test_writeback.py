@@ -1,12 +1,16 @@
 """The reconciler and the dead-letter replay against the real RabbitMQ and the Elasticsearch stand-in."""
 
+import dataclasses
+import gzip
 import json
 
 import pytest
 from elasticsearch import helpers
 
 from benchmarks.chaos import write_predictions
-from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters
+from core import storage
+from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters, unchanged_ids
+from services.consumer import update_action
 from services.publish import declare_queues, message
 from services.search_index import PRODUCT_MAPPINGS, recreate_index
 
@@ -103,3 +107,38 @@ def test_replay_moves_matching_dead_letters_back_and_keeps_the_rest(target):
     assert sorted(d["reason"][:8] + d.get("run_id", "") for d in take_all(target.rabbit, target.dead_letter_queue)) == sorted(
         ["http_404another-run", "invalid_"]
     )
+
+
+def write_neighbours(neighbours_dir: str, lists: dict) -> None:
+    with storage.atomic_stage(neighbours_dir) as tmp:
+        with storage.open_write(storage.join(tmp, "neighbours-00000-of-00001.jsonl.gz")) as raw, gzip.GzipFile(fileobj=raw, mode="wb") as f:
+            for pid, neighbours in lists.items():
+                f.write(json.dumps({"group": "g", "id": pid, "neighbours": neighbours}).encode() + b"\n")
+
+
+def apply(es, index, messages):
+    """Writes updates as the consumer does."""
+    helpers.bulk(
+        es, ({"_op_type": "update", "_index": index, "_id": m["id"], **update_action(index, m)[1]} for m in messages), refresh=True
+    )
+
+
+def test_unchanged_neighbours_are_found_and_not_waited_for(es, target, tmp_path):
+    same = [{"id": "1", "score": 0.75}, {"id": "2", "score": 0.5}]
+    other = [{"id": "3", "score": 0.75}]
+    stored = {"0": same, "1": same, "3": other}  # as an older run (version 3) wrote them; 2 and 4 hold none
+    run = {"0": same, "1": other, "2": [], "3": [], "4": same}
+    apply(es, target.index, (message("neighbours", pid, "older-run", None, 3, {"neighbours": n}) for pid, n in stored.items()))
+    write_neighbours(str(tmp_path / "neighbours"), run)
+    target = dataclasses.replace(target, kind="neighbours", source_dir=str(tmp_path / "neighbours"))
+    unchanged = unchanged_ids(target)
+    assert unchanged == {"0", "2"}  # the same list; no list where none was; 3's list must be cleared
+    apply(
+        es,
+        target.index,
+        (message("neighbours", pid, target.run_id, None, target.version, {"neighbours": run[pid]}) for pid in ("1", "3", "4")),
+    )
+    state = check(dataclasses.replace(target, unchanged=frozenset(unchanged)), ReconcileState(published=3), stall_checks=1, max_attempts=1)
+    assert state.finished and take_all(target.rabbit, target.queue) == []
+    state = check(target, ReconcileState(published=3), stall_checks=1, max_attempts=1)
+    assert not state.finished  # without the list, the unchanged products count as missing

@@ -84,7 +84,7 @@ def _predict(run_dir: str) -> Optional[str]:
 
 def _publish(run_dir: str) -> Optional[str]:
     s = read_stage_json(run_dir, "publish", "summary.json")
-    return s and f"{s['sent']} updates sent"
+    return s and f"{s['sent']} updates sent" + (f", {s['unchanged']} unchanged not sent" if s.get("unchanged") else "")
 
 
 def _indexed(run_dir: str) -> Optional[str]:
