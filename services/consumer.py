@@ -45,15 +45,20 @@ FIELDS = {
 }
 # Body keys a message may lack (messages of older runs, replayed): the field is then cleared.
 OPTIONAL_FIELDS = {"predictions": {"decided_by": "decided_by", "fewshot": "fewshot_match"}, "neighbours": {}}
+# Message keys outside the body that the document keeps too.
+ENVELOPE_FIELDS = {"predictions": ("model_version",), "neighbours": ()}
+
+
+def content_fields(kind: str) -> Tuple[str, ...]:
+    """The document fields an update of ``kind`` writes, besides its version and run id."""
+    return (*FIELDS[kind][2].values(), *OPTIONAL_FIELDS[kind].values(), *ENVELOPE_FIELDS[kind])
 
 
 def _script(kind: str) -> str:
     """The painless update of one message kind: apply unless the document holds a newer version."""
-    version_field, run_field, mapping = FIELDS[kind]
-    sets = [f"ctx._source.{field} = params.{field};" for field in (*mapping.values(), *OPTIONAL_FIELDS[kind].values())]
+    version_field, run_field, _ = FIELDS[kind]
+    sets = [f"ctx._source.{field} = params.{field};" for field in content_fields(kind)]
     sets += [f"ctx._source.{version_field} = params.version;", f"ctx._source.{run_field} = params.run_id;"]
-    if kind == "predictions":
-        sets.append("ctx._source.model_version = params.model_version;")
     return (
         f"if (ctx._source.{version_field} != null && ctx._source.{version_field} > params.version) "
         f"{{ ctx.op = 'noop' }} else {{ {' '.join(sets)} }}"
@@ -110,25 +115,18 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-def content_fields(kind: str) -> Tuple[str, ...]:
-    """The document fields an update of ``kind`` writes, besides its version and run id."""
-    fields = (*FIELDS[kind][2].values(), *OPTIONAL_FIELDS[kind].values())
-    return (*fields, "model_version") if kind == "predictions" else fields
-
-
 def document_content(msg: dict) -> Dict[str, Any]:
     """What the update ``msg`` writes into the product's document (``content_fields`` of its kind),
     in the document's shape."""
     kind = msg["kind"]
     content = {field: DOCUMENT_SHAPES.get(key, _as_is)(msg["body"][key]) for key, field in FIELDS[kind][2].items()}
     content.update({field: msg["body"].get(key) for key, field in OPTIONAL_FIELDS[kind].items()})
-    if kind == "predictions":
-        content["model_version"] = msg.get("model_version")
+    content.update({field: msg.get(field) for field in ENVELOPE_FIELDS[kind]})
     return content
 
 
 def update_action(index: str, msg: dict) -> Tuple[dict, dict]:
-    params = {"version": msg["version"], "run_id": msg["run_id"], "model_version": msg.get("model_version"), **document_content(msg)}
+    params = {"version": msg["version"], "run_id": msg["run_id"], **document_content(msg)}
     return {"update": {"_index": index, "_id": msg["id"], "retry_on_conflict": 3}}, {
         "script": {"source": SCRIPTS[msg["kind"]], "lang": "painless", "params": params}
     }
