@@ -9,10 +9,10 @@ from elasticsearch import helpers
 
 from benchmarks.chaos import write_predictions
 from core import storage
-from pipelines.writeback import NotWritten, ReconcileState, Target, check, replay_dead_letters, unchanged_ids
+from pipelines.writeback import NotWritten, ReconcileState, Target, check, missing_ids, replay_dead_letters, unchanged_ids
 from services.consumer import update_action
 from services.publish import declare_queues, message
-from services.search_index import PRODUCT_MAPPINGS, recreate_index
+from services.search_index import DEAD_LETTER_MAPPINGS, PRODUCT_MAPPINGS, ensure_index, recreate_index
 
 pytestmark = pytest.mark.service
 
@@ -80,6 +80,7 @@ def test_reconciler_finishes_when_every_update_is_written_or_dead_lettered(es, t
         ({"_op_type": "update", "_index": target.index, "_id": str(i), "doc": {"prediction_version": 8}} for i in range(4)),
         refresh=True,
     )  # four hold a newer run's update
+    ensure_index(es, "prodcat-dead-letters", DEAD_LETTER_MAPPINGS)  # as the consumer creates it
     es.index(
         index="prodcat-dead-letters",
         document={"id": "4", "run_id": target.run_id, "kind": "predictions", "reason": "http_400"},
@@ -87,6 +88,20 @@ def test_reconciler_finishes_when_every_update_is_written_or_dead_lettered(es, t
     )
     state = check(target, ReconcileState(published=5), stall_checks=1, max_attempts=1)
     assert state.finished and state.attempts == [] and take_all(target.rabbit, target.queue) == []
+
+
+def test_reconciler_finishes_without_a_scan_when_the_run_wrote_every_update(es, target, monkeypatch):
+    def scan(_target):
+        raise AssertionError("scanned for missing ids")
+
+    monkeypatch.setattr("pipelines.writeback.missing_ids", scan)
+    body = {"categories": [], "attributes": {}}
+    apply(es, target.index, (message("predictions", str(i), target.run_id, "m", 7, body) for i in range(4)))
+    state = check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1)
+    assert state.finished and state.counts["written_by_run"] == 4
+    apply(es, target.index, [message("predictions", "3", "newer-run", "m", 8, body)])
+    with pytest.raises(AssertionError, match="scanned"):  # a newer run wrote one: the ids decide
+        check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1)
 
 
 def test_replay_moves_matching_dead_letters_back_and_keeps_the_rest(target):
@@ -138,7 +153,7 @@ def test_unchanged_neighbours_are_found_and_not_waited_for(es, target, tmp_path)
         target.index,
         (message("neighbours", pid, target.run_id, None, target.version, {"neighbours": run[pid]}) for pid in ("1", "3", "4")),
     )
-    state = check(dataclasses.replace(target, unchanged=frozenset(unchanged)), ReconcileState(published=3), stall_checks=1, max_attempts=1)
+    sent = dataclasses.replace(target, unchanged=frozenset(unchanged))
+    state = check(sent, ReconcileState(published=3), stall_checks=1, max_attempts=1)
     assert state.finished and take_all(target.rabbit, target.queue) == []
-    state = check(target, ReconcileState(published=3), stall_checks=1, max_attempts=1)
-    assert not state.finished  # without the list, the unchanged products count as missing
+    assert missing_ids(sent) == set() and missing_ids(target) == {"0", "2"}  # without the list they count as missing
