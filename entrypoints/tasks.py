@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 from core import storage
@@ -183,7 +184,9 @@ def report(s: RunSettings) -> str:
     return write_report(s.config(), s.run_dir, s.stage("report"))
 
 
-def _target(s: RunSettings, kind: str, source_dir: str, unchanged: FrozenSet[str] = frozenset()) -> Target:
+def _target(
+    s: RunSettings, kind: str, source_dir: str, unchanged: FrozenSet[str] = frozenset(), publication: Optional[str] = None
+) -> Target:
     from pipelines.writeback import Target
 
     p = s.config().publish
@@ -200,19 +203,24 @@ def _target(s: RunSettings, kind: str, source_dir: str, unchanged: FrozenSet[str
         publish_workers=p.workers,
         publish_batch_size=p.batch_size,
         unchanged=unchanged,
+        publication=publication,
     )
 
 
 def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
     """Publishes the run's updates of ``kind``, but not those Elasticsearch already holds where the
     kind is in ``publish.skip_unchanged``; the stage folder names what ``wait_indexed`` reconciles
-    (``summary.json``, and ``unchanged_ids.json``: the products left out)."""
-    from pipelines.writeback import unchanged_ids, update_messages
+    (``summary.json``, and ``unchanged_ids.json``: the products left out).
+
+    Each call is a new publication with its own id, carried by its messages into the documents: a
+    rerun of the task sends the same run and version again, and only the publication id tells its
+    writes from the earlier try's."""
+    from pipelines.writeback import unchanged_ids
     from services.publish import publish_parallel
 
-    target = _target(s, kind, storage.require_complete(source_dir))
+    target = _target(s, kind, storage.require_complete(source_dir), publication=uuid.uuid4().hex)
     unchanged = unchanged_ids(target) if kind in s.config().publish.skip_unchanged else set()
-    messages = (m for m in update_messages(kind, source_dir, s.run_id, s.version) if m["id"] not in unchanged)
+    messages = (m for m in target.messages() if m["id"] not in unchanged)
     sent = publish_parallel(s.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers, target.publish_batch_size)
     log.info("%s: %d updates sent, %d left out as unchanged", kind, sent[kind], len(unchanged))
     out = s.stage("publish")
@@ -227,6 +235,7 @@ def _publish(s: RunSettings, kind: str, source_dir: str) -> str:
                 "unchanged": len(unchanged),
                 "version": s.version,
                 "run_id": s.run_id,
+                "publication": target.publication,
             },
         )
     return out
@@ -254,7 +263,8 @@ def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optiona
         ReconcileState.from_json(storage.read_json(state_path)) if storage.exists(state_path) else ReconcileState(published=summary["sent"])
     )
     unchanged = frozenset(storage.read_json(storage.join(publish_dir, "unchanged_ids.json")))
-    state = check(_target(s, summary["kind"], summary["source_dir"], unchanged), state, p.reconcile_stall_pokes, p.reconcile_attempts)
+    target = _target(s, summary["kind"], summary["source_dir"], unchanged, summary.get("publication"))
+    state = check(target, state, p.reconcile_stall_pokes, p.reconcile_attempts)
     storage.write_json(state_path, state.to_json())
     if not state.finished:
         return None

@@ -26,7 +26,7 @@ import orjson
 import pika
 from elasticsearch import Elasticsearch, helpers
 
-from services.consumer import DEAD_LETTER_INDEX, FIELDS, content_fields, document_content
+from services.consumer import DEAD_LETTER_INDEX, FIELDS, PUBLICATION_FIELDS, content_fields, document_content
 from services.publish import RabbitConnection, declare_queues, message, publish_parallel
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class NotWritten(RuntimeError):
         self.ids = ids
 
 
-def update_messages(kind: str, source_dir: str, run_id: str, version: int) -> Iterator[dict]:
+def update_messages(kind: str, source_dir: str, run_id: str, version: int, publication: Optional[str] = None) -> Iterator[dict]:
     """The update messages of a run's predictions or neighbours folder, one per product."""
     if kind == "predictions":
         from trainer.predict import read_predictions
@@ -49,12 +49,12 @@ def update_messages(kind: str, source_dir: str, run_id: str, version: int) -> It
         for p in read_predictions(source_dir):
             # predictions written before the few-shot classifier lack decided_by and fewshot
             body = {"categories": p["categories"], "attributes": p["attributes"], **{k: p.get(k) for k in ("decided_by", "fewshot")}}
-            yield message("predictions", p["id"], run_id, p["model_version"], version, body)
+            yield message("predictions", p["id"], run_id, p["model_version"], version, body, publication)
     else:
         from pipelines.neighbours import read_neighbours
 
         for n in read_neighbours(source_dir):
-            yield message("neighbours", n["id"], run_id, None, version, {"neighbours": n["neighbours"]})
+            yield message("neighbours", n["id"], run_id, None, version, {"neighbours": n["neighbours"]}, publication)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,9 @@ class Target:
     publish_workers: int = 2
     publish_batch_size: int = 500
     unchanged: FrozenSet[str] = frozenset()  # products left out of the publication: they hold the update already
+    # The publish try that sent the updates: an earlier try of the same run wrote the same version, and
+    # its documents must not count as this one's (None: any write of the version counts).
+    publication: Optional[str] = None
 
     @property
     def version_field(self) -> str:
@@ -82,13 +85,28 @@ class Target:
     def run_field(self) -> str:
         return FIELDS[self.kind][1]
 
+    def messages(self) -> Iterator[dict]:
+        return update_messages(self.kind, self.source_dir, self.run_id, self.version, self.publication)
+
 
 def _written_query(target: Target) -> dict:
-    return {"range": {target.version_field: {"gte": target.version}}}
+    if target.publication is None:
+        return {"range": {target.version_field: {"gte": target.version}}}
+    newer = {"range": {target.version_field: {"gt": target.version}}}
+    return {"bool": {"should": [newer, {"term": {PUBLICATION_FIELDS[target.kind]: target.publication}}], "minimum_should_match": 1}}
+
+
+def _written_by_run_query(target: Target) -> dict:
+    if target.publication is None:
+        return {"term": {target.run_field: target.run_id}}
+    return {"term": {PUBLICATION_FIELDS[target.kind]: target.publication}}
 
 
 def _dead_letter_query(target: Target) -> dict:
-    return {"bool": {"filter": [{"term": {"run_id": target.run_id}}, {"term": {"kind": target.kind}}]}}
+    terms = [{"term": {"run_id": target.run_id}}, {"term": {"kind": target.kind}}]
+    if target.publication is not None:
+        terms.append({"term": {"publication": target.publication}})
+    return {"bool": {"filter": terms}}
 
 
 def _refreshed(target: Target) -> bool:
@@ -128,7 +146,7 @@ def missing_ids(target: Target) -> Set[str]:
     """Products of the run's file whose update is neither in Elasticsearch nor dead-lettered (nor left
     out as unchanged)."""
     settled = settled_ids(target)
-    return {m["id"] for m in update_messages(target.kind, target.source_dir, target.run_id, target.version)} - settled - target.unchanged
+    return {m["id"] for m in target.messages()} - settled - target.unchanged
 
 
 def _blank(value: Any) -> bool:
@@ -150,11 +168,7 @@ def unchanged_ids(target: Target) -> Set[str]:
         hit["_id"]: content_digest({f: hit.get("_source", {}).get(f) for f in fields})
         for hit in helpers.scan(target.es, index=target.index, size=5000, query={"query": {"match_all": {}}, "_source": list(fields)})
     }
-    return {
-        m["id"]
-        for m in update_messages(target.kind, target.source_dir, target.run_id, target.version)
-        if stored.get(m["id"]) == content_digest(document_content(m))
-    }
+    return {m["id"] for m in target.messages() if stored.get(m["id"]) == content_digest(document_content(m))}
 
 
 def ready_messages(rabbit: RabbitConnection, queue: str) -> int:
@@ -168,7 +182,7 @@ def ready_messages(rabbit: RabbitConnection, queue: str) -> int:
 
 def republish(target: Target, ids: Set[str]) -> int:
     """Publishes again exactly the run's updates of ``ids``; returns how many were sent."""
-    messages = (m for m in update_messages(target.kind, target.source_dir, target.run_id, target.version) if m["id"] in ids)
+    messages = (m for m in target.messages() if m["id"] in ids)
     sent = publish_parallel(
         target.rabbit, target.queue, target.dead_letter_queue, messages, target.publish_workers, target.publish_batch_size
     )
@@ -206,10 +220,10 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
         state.counts = progress(target)
         done = state.counts["indexed"] + state.counts["dead_lettered"]
     if done >= state.published:
-        # Each sent update names a distinct product, so when as many documents carry the run's id none
-        # is missing; otherwise (a newer run overwrote some, some were dead-lettered) the counts can
-        # include other products and the ids decide, at the cost of a scan.
-        state.counts["written_by_run"] = target.es.count(index=target.index, query={"term": {target.run_field: target.run_id}})["count"]
+        # Each sent update names a distinct product, so when as many documents carry the publication's
+        # id none is missing; otherwise (a newer run overwrote some, some were dead-lettered) the counts
+        # can include other products and the ids decide, at the cost of a scan.
+        state.counts["written_by_run"] = target.es.count(index=target.index, query=_written_by_run_query(target))["count"]
         if state.counts["written_by_run"] >= state.published or not missing_ids(target):
             state.done, state.finished = done, True
             return state

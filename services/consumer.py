@@ -43,6 +43,8 @@ FIELDS = {
     "predictions": ("prediction_version", "prodcat_run_id", {"categories": "predicted_categories", "attributes": "predicted_attributes"}),
     "neighbours": ("neighbours_version", "neighbours_run_id", {"neighbours": "visual_neighbours"}),
 }
+# The field naming the publication (one publish task try) that wrote the update; see services.publish.message.
+PUBLICATION_FIELDS = {"predictions": "prediction_publication", "neighbours": "neighbours_publication"}
 # Body keys a message may lack (messages of older runs, replayed): the field is then cleared.
 OPTIONAL_FIELDS = {"predictions": {"decided_by": "decided_by", "fewshot": "fewshot_match"}, "neighbours": {}}
 # Message keys outside the body that the document keeps too.
@@ -58,7 +60,11 @@ def _script(kind: str) -> str:
     """The painless update of one message kind: apply unless the document holds a newer version."""
     version_field, run_field, _ = FIELDS[kind]
     sets = [f"ctx._source.{field} = params.{field};" for field in content_fields(kind)]
-    sets += [f"ctx._source.{version_field} = params.version;", f"ctx._source.{run_field} = params.run_id;"]
+    sets += [
+        f"ctx._source.{version_field} = params.version;",
+        f"ctx._source.{run_field} = params.run_id;",
+        f"ctx._source.{PUBLICATION_FIELDS[kind]} = params.publication;",
+    ]
     return (
         f"if (ctx._source.{version_field} != null && ctx._source.{version_field} > params.version) "
         f"{{ ctx.op = 'noop' }} else {{ {' '.join(sets)} }}"
@@ -97,6 +103,8 @@ def parse_message(body: bytes) -> dict:
     for key, kind in (("id", str), ("run_id", str), ("version", int), ("body", dict)):
         if not isinstance(msg.get(key), kind) or isinstance(msg.get(key), bool):
             raise PoisonMessage(f"invalid_schema: {key} must be {kind.__name__}")
+    if not isinstance(msg.get("publication"), (str, type(None))):
+        raise PoisonMessage("invalid_schema: publication must be str or null")
     missing = set(FIELDS[msg["kind"]][2]) - set(msg["body"])
     if missing:
         raise PoisonMessage(f"invalid_schema: body lacks {sorted(missing)}")
@@ -126,7 +134,7 @@ def document_content(msg: dict) -> Dict[str, Any]:
 
 
 def update_action(index: str, msg: dict) -> Tuple[dict, dict]:
-    params = {"version": msg["version"], "run_id": msg["run_id"], **document_content(msg)}
+    params = {"version": msg["version"], "run_id": msg["run_id"], "publication": msg.get("publication"), **document_content(msg)}
     return {"update": {"_index": index, "_id": msg["id"], "retry_on_conflict": 3}}, {
         "script": {"source": SCRIPTS[msg["kind"]], "lang": "painless", "params": params}
     }
@@ -210,7 +218,7 @@ class BulkWriter:
     def dead_letter_record(self, item: Pending) -> dict:
         record = {"reason": item.reason, "body": item.body.decode("utf-8", errors="replace")[:MAX_DEAD_BODY_CHARS]}
         if item.msg is not None:
-            record.update({"id": item.msg["id"], "run_id": item.msg["run_id"], "kind": item.msg["kind"]})
+            record.update({key: item.msg.get(key) for key in ("id", "run_id", "kind", "publication")})
         return record
 
     def write(self, batch: List[Pending]) -> List[Pending]:

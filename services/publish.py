@@ -66,7 +66,11 @@ def declare_queues(channel, queue: str, dead_letter_queue: str) -> None:
     channel.queue_declare(queue=queue, durable=True)
 
 
-def message(kind: str, product_id: str, run_id: str, model_version: str, version: int, body: dict) -> dict:
+def message(
+    kind: str, product_id: str, run_id: str, model_version: str, version: int, body: dict, publication: Optional[str] = None
+) -> dict:
+    """One update message. ``publication`` names the publish that sent it (one task try), so that a
+    rerun's reconciler can tell its own writes from an earlier try's of the same run and version."""
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
@@ -74,6 +78,7 @@ def message(kind: str, product_id: str, run_id: str, model_version: str, version
         "run_id": run_id,
         "model_version": model_version,
         "version": version,
+        "publication": publication,
         "body": body,
     }
 

@@ -54,8 +54,10 @@ PRODUCT_MAPPINGS = {
         "model_version": {"type": "keyword"},
         "prediction_version": {"type": "long"},
         "prodcat_run_id": {"type": "keyword"},
+        "prediction_publication": {"type": "keyword"},
         "neighbours_version": {"type": "long"},
         "neighbours_run_id": {"type": "keyword"},
+        "neighbours_publication": {"type": "keyword"},
     },
 }
 
@@ -64,6 +66,7 @@ DEAD_LETTER_MAPPINGS = {
         "id": {"type": "keyword"},
         "run_id": {"type": "keyword"},
         "kind": {"type": "keyword"},
+        "publication": {"type": "keyword"},
         "reason": {"type": "keyword", "ignore_above": 1024},
         "body": {"type": "text", "index": False},
     }

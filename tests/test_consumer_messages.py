@@ -51,3 +51,13 @@ def test_predictions_written_before_the_fewshot_classifier_still_publish(tmp_pat
     bodies = {m["id"]: m["body"] for m in update_messages("predictions", str(tmp_path), "run-1", 1)}
     assert bodies["p1"]["decided_by"] is None and bodies["p1"]["fewshot"] is None
     assert bodies["p2"]["decided_by"] == "probe" and bodies["p2"]["fewshot"] == {"category": "Flats"}
+
+
+def test_the_publication_is_written_and_a_message_from_before_it_clears_it():
+    categories = {"categories": [], "attributes": {}}
+    msg = message("predictions", "p1", "run-2", "m2", 2, categories, "try-2")
+    assert update_action("products", parse_message(json.dumps(msg).encode()))[1]["script"]["params"]["publication"] == "try-2"
+    older = {k: v for k, v in msg.items() if k != "publication"}
+    assert update_action("products", parse_message(json.dumps(older).encode()))[1]["script"]["params"]["publication"] is None
+    with pytest.raises(PoisonMessage, match="publication must be str"):
+        parse_message(json.dumps({**msg, "publication": 3}).encode())

@@ -104,6 +104,18 @@ def test_reconciler_finishes_without_a_scan_when_the_run_wrote_every_update(es, 
         check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1)
 
 
+def test_a_rerun_publication_does_not_count_the_earlier_tries_writes(es, target):
+    body = {"categories": [], "attributes": {}}
+    earlier, rerun = dataclasses.replace(target, publication="try1"), dataclasses.replace(target, publication="try2")
+    apply(es, target.index, (dict(m, body=body) for m in earlier.messages()))  # the same run and version
+    state = check(rerun, ReconcileState(published=5), stall_checks=5, max_attempts=1)
+    assert not state.finished and state.counts["indexed"] == 0 and missing_ids(rerun) == {"0", "1", "2", "3", "4"}
+    apply(es, target.index, [dict(m, body=body) for m in rerun.messages() if m["id"] != "4"])
+    apply(es, target.index, [message("predictions", "4", "newer-run", "m", 8, body, "later")])
+    state = check(rerun, ReconcileState(published=5), stall_checks=5, max_attempts=1)
+    assert state.finished and state.counts["indexed"] == 5 and state.counts["written_by_run"] == 4
+
+
 def test_replay_moves_matching_dead_letters_back_and_keeps_the_rest(target):
     good = message("predictions", "3", target.run_id, "m", 7, {"categories": [], "attributes": {}})
     letters = [
