@@ -158,9 +158,11 @@ def test_nothing_else_on_the_document_was_lost(dag_run):
         "model_version",
         "prediction_version",
         "prodcat_run_id",
+        "prediction_publication",
         "visual_neighbours",
         "neighbours_version",
         "neighbours_run_id",
+        "neighbours_publication",
     }
     for pid, before in dag_run["before"].items():
         after = dag_run["after"][pid]
