@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
+from datetime import UTC, datetime, timedelta
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from entrypoints.assets import PREDICTIONS_URI
@@ -155,14 +156,26 @@ def run_task(name: str, config_path: str, *paths: str) -> Any:
 def poke_indexed(config_path: str, publish_dir: str) -> Any:
     """One poke of a ``wait_indexed`` sensor: a check of :func:`entrypoints.tasks.check_indexed`, its
     state kept per task try; done with the ``indexed`` folder as XCom once every update arrived."""
-    from airflow.sdk import PokeReturnValue, get_current_context
+    from airflow.sdk import get_current_context
 
     from entrypoints import tasks
 
     context = get_current_context()
     with google_cloud_credentials() as project:
         settings = run_settings(context, config_path, project)
-        out = tasks.check_indexed(settings, publish_dir, f"try-{context['ti'].try_number}")
+        out, sooner_s = tasks.check_indexed(settings, publish_dir, f"try-{context['ti'].try_number}")
+    return poke_result(out, sooner_s, datetime.now(UTC))
+
+
+def poke_result(out: Optional[str], sooner_s: Optional[float], now: datetime) -> Any:
+    """The sensor's answer to a check: done, not yet (the next poke after the sensor's interval), or
+    not yet but due sooner: a reschedule at that time, raised as Airflow's sensors raise it (that poke
+    skips the sensor's timeout check, which the next regular poke makes)."""
+    from airflow.sdk import PokeReturnValue
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    if out is None and sooner_s is not None:
+        raise AirflowRescheduleException(now + timedelta(seconds=sooner_s))
     return PokeReturnValue(is_done=out is not None, xcom_value=out)
 
 

@@ -249,12 +249,13 @@ def publish_neighbours(s: RunSettings, neighbours_dir: str) -> str:
     return _publish(s, "neighbours", neighbours_dir)
 
 
-def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optional[str]:
+def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Tuple[Optional[str], Optional[float]]:
     """One check of the reconciler (see :mod:`pipelines.writeback`): its state lives in
     ``<run>/reconcile/<attempt_key>.json`` between checks, so that Airflow can run each check as a
     rescheduled poke; a new ``attempt_key`` (a new task try) starts afresh. Returns the ``indexed``
-    stage folder once every update is written or dead-lettered, else None."""
-    from pipelines.writeback import ReconcileState, check
+    stage folder once every update is written or dead-lettered (else None), and the seconds after
+    which to check again where that is sooner than ``publish.reconcile_poke_s`` (else None)."""
+    from pipelines.writeback import ReconcileState, check, sooner_check_s
 
     summary = storage.read_json(storage.join(storage.require_complete(publish_dir), "summary.json"))
     p = s.config().publish
@@ -264,14 +265,16 @@ def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Optiona
     )
     unchanged = frozenset(storage.read_json(storage.join(publish_dir, "unchanged_ids.json")))
     target = _target(s, summary["kind"], summary["source_dir"], unchanged, summary.get("publication"))
+    before, before_at = state.done, state.checked_at
     state = check(target, state, p.reconcile_stall_pokes, p.reconcile_attempts)
+    state.checked_at = time.time()
     storage.write_json(state_path, state.to_json())
     if not state.finished:
-        return None
+        return None, sooner_check_s(state, before, state.checked_at - before_at, p.reconcile_poke_s) if before_at else None
     out = s.stage("indexed")
     with storage.atomic_stage(out) as tmp:
         storage.write_json(storage.join(tmp, "summary.json"), {"published": summary, **state.to_json()})
-    return out
+    return out, None
 
 
 def wait_indexed(s: RunSettings, publish_dir: str) -> str:
@@ -281,12 +284,12 @@ def wait_indexed(s: RunSettings, publish_dir: str) -> str:
     attempt_key = f"wait-{time.time_ns()}"  # a fresh reconciliation per call, as a new Airflow try gets
     deadline = time.monotonic() + p.reconcile_timeout_s
     while True:
-        out = check_indexed(s, publish_dir, attempt_key)
+        out, sooner_s = check_indexed(s, publish_dir, attempt_key)
         if out is not None:
             return out
         if time.monotonic() > deadline:
             raise TimeoutError(f"updates still not indexed after {p.reconcile_timeout_s}s; is the consumer running?")
-        time.sleep(p.reconcile_poke_s)
+        time.sleep(sooner_s or p.reconcile_poke_s)
 
 
 def replay_dead_letters(s: RunSettings, run_id: Optional[str] = None, reason_contains: Optional[str] = None) -> dict:

@@ -195,6 +195,7 @@ class ReconcileState:
 
     published: int
     done: int = -1
+    checked_at: float = 0.0  # seconds since the epoch; the entry point's clock, for the pace of the writes
     unchanged_checks: int = 0
     attempts: List[dict] = dataclasses.field(default_factory=list)
     finished: bool = False
@@ -213,10 +214,12 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
     queue empty, re-publishes what is missing (at most ``max_attempts`` times, then raises
     :class:`NotWritten` with the ids). Sets ``finished`` when every update is written or dead-lettered."""
     # A refresh costs the cluster (on the stand-in, seconds at 100k documents, while writes wait), so
-    # a check refreshes only before it calls progress stalled or complete.
+    # a check refreshes only before it calls progress stalled. Counts without one can only be short
+    # of the truth (a written update stays written, or a newer run's replaces it), so they may say
+    # complete on their own.
     state.counts = progress(target, refresh=False)
     done = state.counts["indexed"] + state.counts["dead_lettered"]
-    if done == state.done or done >= state.published:
+    if done == state.done and done < state.published:
         state.counts = progress(target)
         done = state.counts["indexed"] + state.counts["dead_lettered"]
     if done >= state.published:
@@ -259,6 +262,17 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
         len(state.attempts),
     )
     return state
+
+
+def sooner_check_s(state: ReconcileState, before: int, seconds: float, poke_s: float, min_s: float = 2.0) -> Optional[float]:
+    """When to check again if sooner than ``poke_s``: where the updates written in the last ``seconds``
+    (``before`` to ``state.done``) say the rest arrive within ``poke_s``, a check then (with a margin)
+    ends the wait near the last write instead of up to a whole poke interval later; else None."""
+    written = state.done - before
+    if state.finished or before < 0 or written <= 0 or seconds <= 0:
+        return None
+    eta = (state.published - state.done) / (written / seconds)
+    return max(min_s, 1.2 * eta + 0.5) if 1.2 * eta + 0.5 < poke_s else None
 
 
 def replay_dead_letters(

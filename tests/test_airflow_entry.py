@@ -129,3 +129,16 @@ def test_without_service_connections_the_local_defaults(monkeypatch):
     monkeypatch.delenv("AIRFLOW_CONN_PRODCAT_RABBITMQ", raising=False)
     assert airflow_entry.es_connection().url == "http://127.0.0.1:9200"
     assert (airflow_entry.rabbit_connection().host, airflow_entry.rabbit_connection().port) == ("127.0.0.1", 5672)
+
+
+def test_a_wait_due_sooner_than_the_poke_interval_is_rescheduled_then():
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    assert airflow_entry.poke_result("/runs/r/indexed", None, now).xcom_value == "/runs/r/indexed"
+    assert not airflow_entry.poke_result(None, None, now).is_done
+    with pytest.raises(AirflowRescheduleException) as rescheduled:
+        airflow_entry.poke_result(None, 3.5, now)
+    assert rescheduled.value.reschedule_date == now + timedelta(seconds=3.5)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.writeback import update_messages
+from pipelines.writeback import ReconcileState, sooner_check_s, update_messages
 from services.consumer import PoisonMessage, parse_message, update_action
 from services.publish import message
 from trainer.predict import PREDICTIONS_FILE
@@ -61,3 +61,18 @@ def test_the_publication_is_written_and_a_message_from_before_it_clears_it():
     assert update_action("products", parse_message(json.dumps(older).encode()))[1]["script"]["params"]["publication"] is None
     with pytest.raises(PoisonMessage, match="publication must be str"):
         parse_message(json.dumps({**msg, "publication": 3}).encode())
+
+
+@pytest.mark.parametrize(
+    "done, before, expected",
+    [
+        (33_000, 24_000, 3.8),  # 900/s, 2,500 left: due in 2.8 s, checked with a margin
+        (10_000, 1_000, None),  # 25,000 left at 900/s: the regular poke
+        (35_450, 33_000, 2.0),  # nearly done: no sooner than two seconds
+        (24_000, 24_000, None),  # no progress: the regular poke (stalls are counted on it)
+        (1_000, -1, None),  # the first check: no pace yet
+    ],
+)
+def test_the_next_check_comes_sooner_when_the_pace_says_the_rest_arrives_within_the_poke(done, before, expected):
+    sooner = sooner_check_s(ReconcileState(published=35_500, done=done), before, seconds=10.0, poke_s=10.0)
+    assert sooner == pytest.approx(expected, abs=0.1) if expected else sooner is None
