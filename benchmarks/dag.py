@@ -1,5 +1,7 @@
-"""The whole weekly run, measured: both DAGs (categorisation, then visual neighbours on its
-predictions) with ``airflow dags test`` and a write-back consumer running, on a catalogue:
+"""The whole weekly run, measured: both DAGs with ``airflow dags test`` and a write-back consumer
+running, on a catalogue. The visual-neighbours DAG starts when categorisation's ``predict`` stage is
+complete, as the scheduler triggers it on the asset that task updates, so it runs alongside
+categorisation's publish, wait and report (``--neighbours-after categorise``: after the whole run).
 
 - cold: an empty image-embedding cache; warm: the same run again with the cache the cold run filled;
 - with ``--scaling-factor``: the warm run on a catalogue that many times the size (the original plus
@@ -7,9 +9,9 @@ predictions) with ``airflow dags test`` and a write-back consumer running, on a 
 
 Each run starts from nothing but the cache: its own Elasticsearch stand-in (port 9273, data under
 ``.prodcat/bench-dag``) restarted empty and seeded, its own RabbitMQ virtual host recreated, a new
-data root and Airflow home. Stage seconds come from Airflow's task instances: a task's end minus the
+data root and Airflow homes. Stage seconds come from Airflow's task instances: a task's end minus the
 previous task's end, so that a sensor's reschedule waits count. Peak memory per stage: the RSS of
-the ``airflow dags test`` process tree (tasks run inside it), sampled every 0.5 s over the stage.
+its DAG's ``airflow dags test`` process tree (tasks run inside it), sampled every 0.5 s over the stage.
 
     python -m benchmarks.dag [--catalogue ../shared/data/fashion] [--scaling-factor 3]
 """
@@ -34,6 +36,7 @@ import psutil
 from benchmarks.publish import PrivateStandIn
 from benchmarks.results_file import write_results
 from benchmarks.scaled_catalogue import write_scaled_catalogue
+from core.storage import SUCCESS
 from entrypoints.cli import airflow_env, latest_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +110,35 @@ def stage_figures(tasks: List[Tuple[str, str, float, float]], samples: List[Tupl
     return out
 
 
+class DagTest:
+    """One ``airflow dags test`` process, its RSS sampled."""
+
+    def __init__(self, airflow: str, dag_id: str, conf: dict, env: dict, log) -> None:
+        self.dag_id = dag_id
+        self.proc = subprocess.Popen(
+            [airflow, "dags", "test", dag_id, RUN_AFTER, "--conf", json.dumps(conf)], env=env, stdout=log, stderr=log
+        )
+        self.sampler = RssSampler(self.proc.pid, SAMPLE_EVERY_S)
+
+    def wait(self) -> None:
+        code = self.proc.wait()
+        self.sampler.stop()
+        if code:
+            raise RuntimeError(f"{self.dag_id} failed (exit {code}); see the log")
+
+    def wait_for_stage(self, data_root: str, stage: str) -> Path:
+        """The run's ``stage`` folder once it is complete (polled while the DAG runs)."""
+        while True:
+            runs = Path(data_root, "runs", self.dag_id)
+            folder = latest_run(data_root, self.dag_id) / stage if runs.exists() and any(runs.iterdir()) else None
+            if folder is not None and (folder / SUCCESS).exists():
+                return folder
+            if self.proc.poll() is not None:
+                self.wait()
+                raise RuntimeError(f"{self.dag_id} ended without a complete {stage} folder")
+            time.sleep(0.5)
+
+
 def reset_vhost() -> None:
     """The benchmark's RabbitMQ virtual host, recreated empty."""
     ctl = ["rabbitmqctl", "-q"]
@@ -130,8 +162,11 @@ def fresh_work_dir(keep_cache: bool) -> Path:
     return run
 
 
-def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, label: str) -> dict:
-    """Both DAGs on ``catalogue`` from a fresh start but for the embedding cache when ``keep_cache``."""
+def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, label: str, neighbours_after: str = "predict") -> dict:
+    """Both DAGs on ``catalogue`` from a fresh start but for the embedding cache when ``keep_cache``.
+    The neighbours DAG starts when categorisation's ``predict`` folder is complete, as the scheduler
+    triggers it on the ``prodcat://predictions`` asset that task updates (alongside categorisation's
+    publish and wait), or with ``neighbours_after="categorise"`` once the categorisation run ended."""
     run = fresh_work_dir(keep_cache)
     data_root = str(run / "data")
     log_path = WORK / f"{label}.log"  # kept after the next run resets WORK/run
@@ -146,51 +181,65 @@ def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, la
         text=True,
     )
     products = json.loads(seeded.stdout)["seeded_products"]
-    env = airflow_env(run / "airflow", data_root, stand_in.url, "127.0.0.1", 5672)
-    env["AIRFLOW_CONN_PRODCAT_RABBITMQ"] = json.dumps(
-        {"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest", "password": "guest", "schema": VHOST}
-    )
     airflow = str(Path(sys.executable).parent / "airflow")
-    stages: Dict[str, dict] = {}
+    # One Airflow home per DAG, so that the two `dags test` processes, which run at once, never share
+    # a SQLite database (it takes one writer at a time).
+    envs = {dag_id: airflow_env(run / f"airflow-{short}", data_root, stand_in.url, "127.0.0.1", 5672) for dag_id, short in DAGS.items()}
+    for env in envs.values():
+        env["AIRFLOW_CONN_PRODCAT_RABBITMQ"] = json.dumps(
+            {"conn_type": "generic", "host": "127.0.0.1", "port": 5672, "login": "guest", "password": "guest", "schema": VHOST}
+        )
     with open(log_path, "w", encoding="utf-8") as log:
-        subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=log, stderr=log)
+        for env in envs.values():
+            subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=log, stderr=log)
         consumer = subprocess.Popen([*cli, "consume"], cwd=REPO, stdout=log, stderr=log)
         print(f"{label}: {products} products seeded; running the DAGs (log: {log_path})", flush=True)
         started = time.perf_counter()
+        dags: List[DagTest] = []
         try:
-            conf = {}
-            for dag_id, short in DAGS.items():
-                proc = subprocess.Popen(
-                    [airflow, "dags", "test", dag_id, RUN_AFTER, "--conf", json.dumps(conf)], env=env, stdout=log, stderr=log
-                )
-                sampler = RssSampler(proc.pid, SAMPLE_EVERY_S)
-                code = proc.wait()
-                sampler.stop()
-                if code:
-                    raise RuntimeError(f"{dag_id} failed (exit {code}); see {log_path}")
-                stages.update(stage_figures(task_ends(run / "airflow", dag_id), sampler.samples, short))
-                folder = latest_run(data_root, dag_id)
-                conf = {"predict_dir": str(folder / "predict"), "preprocess_dir": str(folder / "preprocess")}
+            dags.append(DagTest(airflow, "prodcat_categorise", {}, envs["prodcat_categorise"], log))
+            if neighbours_after == "predict":
+                predict_dir = dags[0].wait_for_stage(data_root, "predict")
+            else:
+                dags[0].wait()
+                predict_dir = latest_run(data_root, "prodcat_categorise") / "predict"
+            neighbours_started = time.perf_counter() - started
+            conf = {"predict_dir": str(predict_dir), "preprocess_dir": str(predict_dir.parent / "preprocess")}
+            dags.append(DagTest(airflow, "prodcat_visual_neighbours", conf, envs["prodcat_visual_neighbours"], log))
+            for dag in dags:
+                dag.wait()
             wall = time.perf_counter() - started
         finally:
+            for dag in dags:
+                if dag.proc.poll() is None:
+                    dag.proc.terminate()
             consumer.terminate()
             consumer.wait(timeout=120)
+    stages: Dict[str, dict] = {}
+    for dag in dags:
+        stages.update(stage_figures(task_ends(run / f"airflow-{DAGS[dag.dag_id]}", dag.dag_id), dag.sampler.samples, DAGS[dag.dag_id]))
     for name, figures in stages.items():
         print(f"  {name:<36} {figures['seconds']:7.1f} s  {figures['peak_rss_mb']} MB", flush=True)
-    print(f"{label}: {wall:.0f} s", flush=True)
-    return {"products": products, "wall_s": round(wall, 1), "stages": stages}
+    print(f"{label}: {wall:.0f} s; the neighbours DAG started at {neighbours_started:.0f} s", flush=True)
+    return {"products": products, "wall_s": round(wall, 1), "neighbours_dag_started_s": round(neighbours_started, 1), "stages": stages}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--catalogue", default=str(REPO.parent / "shared" / "data" / "fashion"), help="a Myntra-format catalogue folder")
     parser.add_argument("--scaling-factor", type=int, default=3, help="size of the growth run's catalogue (0: no growth run)")
+    parser.add_argument(
+        "--neighbours-after",
+        choices=["predict", "categorise"],
+        default="predict",
+        help="start the neighbours DAG when predict finished (as the asset schedule does) or after the whole categorisation run",
+    )
     args = parser.parse_args()
     catalogue = Path(args.catalogue).resolve()
     stand_in = PrivateStandIn("bench-dag/noida", ES_PORT)
     try:
-        cold = measured_run(catalogue, stand_in, keep_cache=False, label="cold")
-        warm = measured_run(catalogue, stand_in, keep_cache=True, label="warm")
+        cold = measured_run(catalogue, stand_in, keep_cache=False, label="cold", neighbours_after=args.neighbours_after)
+        warm = measured_run(catalogue, stand_in, keep_cache=True, label="warm", neighbours_after=args.neighbours_after)
         results = {
             "products": cold["products"],
             "catalogue": str(catalogue),
@@ -200,9 +249,17 @@ def main() -> None:
             "stages": {name: f["seconds"] for name, f in cold["stages"].items()},
             "warm_stages": {name: f["seconds"] for name, f in warm["stages"].items()},
             "peak_rss_mb": {name: f["peak_rss_mb"] for name, f in warm["stages"].items()},
+            "neighbours_dag_started_s": {"cold": cold["neighbours_dag_started_s"], "warm": warm["neighbours_dag_started_s"]},
             "measured": (
                 "wall: both `airflow dags test` runs, DAG parsing included, seeding and Airflow's db migrate not; "
-                "stage seconds: Airflow task instances, each from the previous task's end to its own; "
+                + (
+                    "the neighbours DAG starts when categorisation's predict folder is complete, as the scheduler triggers it "
+                    "on the prodcat://predictions asset, and runs alongside categorisation's publish, wait and report; "
+                    if args.neighbours_after == "predict"
+                    else "the neighbours DAG starts after the categorisation run ended; "
+                )
+                + "stage seconds: Airflow task instances, each from the previous task's end to its own (the first "
+                "from its start); "
                 f"peak_rss_mb: the `airflow dags test` process tree (tasks run in it, so a stage's peak includes "
                 f"what earlier stages of the DAG left allocated), sampled every {SAMPLE_EVERY_S} s; "
                 "peak_rss_mb at 1x is the warm run's, the growth run's like"
@@ -214,11 +271,14 @@ def main() -> None:
             scaled_dir = WORK / f"catalogue-x{args.scaling_factor}"
             shutil.rmtree(scaled_dir, ignore_errors=True)
             write_scaled_catalogue(catalogue, scaled_dir, args.scaling_factor)
-            scaled = measured_run(scaled_dir, stand_in, keep_cache=True, label=f"x{args.scaling_factor}")
+            scaled = measured_run(
+                scaled_dir, stand_in, keep_cache=True, label=f"x{args.scaling_factor}", neighbours_after=args.neighbours_after
+            )
             results["scaling"] = {
                 "factor": args.scaling_factor,
                 "products": scaled["products"],
                 "wall_s": scaled["wall_s"],
+                "neighbours_dag_started_s": scaled["neighbours_dag_started_s"],
                 "stages": scaled["stages"],
                 "images_reused_through_cache": True,
                 "note": "copies' titles shuffled with one misspelling, new ids; their images are the originals' "
