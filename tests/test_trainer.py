@@ -11,7 +11,7 @@ import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.k
 from core.config import load_config
 from core.taxonomy import CategoryTree
 from pipelines.preprocess import label_vectors
-from trainer.hierarchy import category_entries, decide
+from trainer.hierarchy import best_paths, category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import (
     CATEGORIES,
@@ -357,3 +357,20 @@ def test_a_title_of_only_unknown_tokens_is_not_confident(trained):
     # the control: a known title's best path is its category, scored far above anything unknown
     assert [e["id"] for e in known if e["score"] == max(x["score"] for x in known if x["level"] == e["level"])][-1] == "A > A2 > A2x"
     assert scores[1, model.tree.index["A > A2 > A2x"]] > 10 * scores[0].max()
+
+
+def greedy_path(scores, tree):
+    """The top-down path one product at a time: the first highest-scoring child at each level."""
+    path, candidates = [], [cid for cid in tree.ids if tree.nodes[cid].parent is None]
+    while candidates:
+        best = max(candidates, key=lambda cid: scores[tree.index[cid]])
+        path.append(tree.index[best])
+        candidates = tree.children(best)
+    return path
+
+
+@pytest.mark.parametrize("tree", [TREE, CategoryTree.from_paths([("A", "A1", "A1x"), ("A", "A2"), ("B",), ("B", "B1", "B1x")])])
+def test_best_paths_of_a_batch_are_each_products_greedy_path(tree):
+    rng = np.random.default_rng(0)
+    scores = rng.choice([0.1, 0.5, 0.9], size=(200, len(tree))).astype(np.float32)  # many ties
+    assert best_paths(scores, tree) == [greedy_path(row, tree) for row in scores]

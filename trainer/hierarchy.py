@@ -38,13 +38,22 @@ def decide(
 
 def best_path(scores: np.ndarray, tree: CategoryTree) -> List[int]:
     """The greedy top-down path of highest-scoring children, as label indices."""
-    path: List[int] = []
-    candidates = [cid for cid in tree.ids if tree.nodes[cid].parent is None]
-    while candidates:
-        best = max(candidates, key=lambda cid: scores[tree.index[cid]])
-        path.append(tree.index[best])
-        candidates = tree.children(best)
-    return path
+    return best_paths(scores[None, :], tree)[0]
+
+
+def best_paths(scores: np.ndarray, tree: CategoryTree) -> List[List[int]]:
+    """:func:`best_path` of each row of ``scores`` ``[N, C]``, a level at a time for the whole batch
+    (ties go to the first child, as children are in column order)."""
+    parent = np.array([tree.index[tree.nodes[cid].parent] if tree.nodes[cid].parent is not None else -1 for cid in tree.ids])
+    choice = np.full(len(scores), -1)
+    alive = np.ones(len(scores), dtype=bool)
+    steps = []
+    for _ in range(tree.levels):
+        candidates = parent[None, :] == choice[:, None]  # [N, C]: the children of each row's last choice
+        alive &= candidates.any(axis=1)
+        choice = np.where(alive, np.argmax(np.where(candidates, scores, -np.inf), axis=1), -1)
+        steps.append(choice)
+    return [[int(j) for j in path if j >= 0] for path in np.stack(steps, axis=1)] if steps else [[] for _ in scores]
 
 
 def category_entries(scores: np.ndarray, positive: np.ndarray, tree: CategoryTree) -> List[Dict]:

@@ -28,7 +28,7 @@ from trainer.fewshot import (
     match,
     match_probe,
 )
-from trainer.hierarchy import best_path, category_entries, decide
+from trainer.hierarchy import best_paths, category_entries, decide
 from trainer.review import REVIEW_FILE, ReviewCollector
 from trainer.serving import EMBEDDING, ServingModel, raw_batch
 
@@ -147,6 +147,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                 decided = decided_by(matches, human_finest, known[:, finest].any(axis=1) & ~human_finest, model_finest, fewshot.name)
                 by.update(decided)
                 sims = outputs[EMBEDDING] @ prototypes.vectors[few].T if few else np.zeros((len(rows), 0))
+                paths = best_paths(closed, tree)
                 review.add_batch(
                     rows,
                     raw_scores,
@@ -161,7 +162,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                         "id": row["id"],
                         "model_version": model.card["model_version"],
                         "categories": category_entries(closed[i], positive[i], tree),
-                        "path": [tree.ids[j] for j in best_path(closed[i], tree)],
+                        "path": [tree.ids[j] for j in paths[i]],
                         "decided_by": decided[i],
                         "fewshot": fewshot_entry(matches, fewshot, i),
                         "attributes": attribute_predictions(model, outputs, i, attribute_names),

@@ -283,7 +283,9 @@ def pseudo_labels(
         path[row, ancestors[leaf]] = True
     positive = labels > 0
     has_leaf = positive[:, leaves].any(axis=1)
-    agrees = (positive.astype(np.int64) @ (~path).T.astype(np.int64)) == 0  # [N, leaves]: no rule label off the leaf's path
+    # [N, leaves]: no rule label off the leaf's path. A float32 product counts exactly here (at most C)
+    # and goes through BLAS; numpy's int64 one does not (0.88 s against 0.05 s a round on the catalogue).
+    agrees = (positive.astype(np.float32) @ (~path).T.astype(np.float32)) == 0
     leaf_scores = np.where(agrees, scores[:, leaves], -1.0)
     best = np.argmax(leaf_scores, axis=1)
     chosen = ~has_leaf & (leaf_scores[np.arange(len(best)), best] >= min_score)

@@ -15,7 +15,7 @@ import numpy as np
 from core import storage
 from core.taxonomy import CategoryTree
 from trainer.evaluate import METRICS_FILE, SCORES_FILE, read_scores
-from trainer.hierarchy import best_path, decide
+from trainer.hierarchy import best_paths, decide
 from trainer.metrics import evaluate_predictions
 
 RELIABILITY_BINS = 10
@@ -149,8 +149,9 @@ def top_confusions(test: TestScores, count: int = 10) -> List[Dict[str, Any]]:
     tree = test.tree
     pairs: Counter = Counter()
     support: Counter = Counter()
-    for i in np.flatnonzero(test.ground_truth.any(axis=1)):
-        path = [tree.ids[j] for j in best_path(closed[i], tree)]
+    labelled = np.flatnonzero(test.ground_truth.any(axis=1))
+    for i, best in zip(labelled, best_paths(closed[labelled], tree)):
+        path = [tree.ids[j] for j in best]
         for c in np.flatnonzero(test.ground_truth[i]):
             cid = tree.ids[c]
             level = tree.level_of(cid)
