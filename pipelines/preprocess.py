@@ -32,6 +32,7 @@ from core.rows import HUMAN_CATEGORIES, RULE_CATEGORIES
 from core.taxonomy import CategoryTree
 from pipelines import images
 from pipelines.counters import beam_counters
+from services import image_fetch
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class FetchImage(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.READY, flag_no_image(row, "no_image_url"))
             return
         try:
-            data = images.fetch_image(row["image_url"], self._image.fetch_timeout_s, self._image.fetch_retries)
+            data = image_fetch.fetch_image(row["image_url"], self._image.fetch_timeout_s, self._image.fetch_retries)
             digest = images.content_hash(data)
             cached = self._cache.get(digest)
             if cached is not None:
@@ -179,7 +180,7 @@ class FetchImage(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.READY, with_embedding(row, cached, digest))
                 return
             decoded = images.decode_image(data)
-        except images.ImageFetchError as e:
+        except image_fetch.ImageFetchError as e:
             yield beam.pvalue.TaggedOutput(self.READY, flag_no_image(row, e.reason))
             return
         self._misses.inc()

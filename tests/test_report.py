@@ -315,3 +315,10 @@ def test_cli_prints_the_report_and_renders_a_missing_one(runs, tmp_path):
     )
     assert out.stdout.strip() == str(run / "report" / "index.html")
     assert 'id="evaluation"' in (run / "report" / "index.html").read_text(encoding="utf-8")
+
+
+def test_the_report_imports_neither_the_image_encoder_nor_tensorflow():
+    heavy = ("apache_beam.ml.inference.base", "torch", "tensorflow")
+    code = f"import sys, pipelines.report.build; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -14,8 +14,8 @@ import numpy as np
 
 from core.rows import read_clean_rows
 from core.taxonomy import CategoryTree
-from pipelines import images
 from pipelines.neighbours import read_neighbours
+from services import image_fetch
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,12 @@ def thumbnail(url: str, timeout_s: float = 5.0) -> Optional[str]:
     if not url:
         return None
     try:
-        with Image.open(io.BytesIO(images.fetch_image(url, timeout_s, retries=1))) as img:
+        with Image.open(io.BytesIO(image_fetch.fetch_image(url, timeout_s, retries=1))) as img:
             img = img.convert("RGB")
             img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
             out = io.BytesIO()
             img.save(out, format="JPEG", quality=80)
-    except (images.ImageFetchError, UnidentifiedImageError, OSError) as e:
+    except (image_fetch.ImageFetchError, UnidentifiedImageError, OSError) as e:
         log.warning("report: no thumbnail for %s: %s", url, e)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
