@@ -186,6 +186,7 @@ def test_no_positive_gives_the_most_likely_path_flagged_unconfident():
     entries = category_entries(closed[0], positive[0], TREE)
     assert [e["id"] for e in entries] == ["A", "A > A2", "A > A2 > A2x"]
     assert not any(e["confident"] for e in entries)
+    assert category_entries(closed[0], positive[0], TREE, best_paths(closed, TREE)[0]) == entries  # the batch's path, as predict passes it
 
 
 def test_kept_rule_labels_are_positive_and_the_model_adds_what_they_miss():

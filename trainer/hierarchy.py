@@ -56,16 +56,17 @@ def best_paths(scores: np.ndarray, tree: CategoryTree) -> List[List[int]]:
     return [[int(j) for j in path if j >= 0] for path in np.stack(steps, axis=1)] if steps else [[] for _ in scores]
 
 
-def category_entries(scores: np.ndarray, positive: np.ndarray, tree: CategoryTree) -> List[Dict]:
+def category_entries(scores: np.ndarray, positive: np.ndarray, tree: CategoryTree, path: Optional[List[int]] = None) -> List[Dict]:
     """One product's predicted categories with ancestors and scores.
 
     Where nothing passes its threshold, the most likely path is given with ``confident: false``
-    so that every product carries a category path.
+    so that every product carries a category path: ``path``, where the caller has it from
+    :func:`best_paths` of the same scores, else :func:`best_path`.
     """
     chosen = np.flatnonzero(positive)
     confident = len(chosen) > 0
     if not confident:
-        chosen = np.array(best_path(scores, tree))
+        chosen = np.array(best_path(scores, tree) if path is None else path)
     out = []
     for i in chosen:
         node = tree.nodes[tree.ids[i]]

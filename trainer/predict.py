@@ -161,7 +161,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                     record = {
                         "id": row["id"],
                         "model_version": model.card["model_version"],
-                        "categories": category_entries(closed[i], positive[i], tree),
+                        "categories": category_entries(closed[i], positive[i], tree, paths[i]),
                         "path": [tree.ids[j] for j in paths[i]],
                         "decided_by": decided[i],
                         "fewshot": fewshot_entry(matches, fewshot, i),
