@@ -85,6 +85,10 @@ class Target:
     def run_field(self) -> str:
         return FIELDS[self.kind][1]
 
+    @property
+    def publication_field(self) -> str:
+        return PUBLICATION_FIELDS[self.kind]
+
     def messages(self) -> Iterator[dict]:
         return update_messages(self.kind, self.source_dir, self.run_id, self.version, self.publication)
 
@@ -93,13 +97,13 @@ def _written_query(target: Target) -> dict:
     if target.publication is None:
         return {"range": {target.version_field: {"gte": target.version}}}
     newer = {"range": {target.version_field: {"gt": target.version}}}
-    return {"bool": {"should": [newer, {"term": {PUBLICATION_FIELDS[target.kind]: target.publication}}], "minimum_should_match": 1}}
+    return {"bool": {"should": [newer, {"term": {target.publication_field: target.publication}}], "minimum_should_match": 1}}
 
 
 def _written_by_run_query(target: Target) -> dict:
     if target.publication is None:
         return {"term": {target.run_field: target.run_id}}
-    return {"term": {PUBLICATION_FIELDS[target.kind]: target.publication}}
+    return {"term": {target.publication_field: target.publication}}
 
 
 def _dead_letter_query(target: Target) -> dict:
@@ -271,8 +275,8 @@ def sooner_check_s(state: ReconcileState, before: int, seconds: float, poke_s: f
     written = state.done - before
     if state.finished or before < 0 or written <= 0 or seconds <= 0:
         return None
-    eta = (state.published - state.done) / (written / seconds)
-    return max(min_s, 1.2 * eta + 0.5) if 1.2 * eta + 0.5 < poke_s else None
+    due = 1.2 * (state.published - state.done) / (written / seconds) + 0.5
+    return max(min_s, due) if due < poke_s else None
 
 
 def replay_dead_letters(
