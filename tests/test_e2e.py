@@ -2,6 +2,7 @@
 against the real local services, then check Elasticsearch document by document."""
 
 import contextlib
+import gzip
 import io
 import json
 import shutil
@@ -111,12 +112,17 @@ def test_human_labels_teach_a_category_no_rule_emits_without_retraining(dag_run)
 
 def test_review_index_holds_the_runs_least_certain_products_with_reasons(dag_run):
     from core.config import load_config
+    from trainer.review import REVIEW_FILE
 
     review = load_config(REPO / "feature_config.yaml").review
+    with gzip.open(dag_run["run_dir"] / "predict" / REVIEW_FILE, "rt") as f:
+        written = [json.loads(line) for line in f]
     es = dag_run["es"]
     es.indices.refresh(index=review.index)
-    hits = list(helpers.scan(es, index=review.index, query={"query": {"match_all": {}}}))
+    # this run's records: the index keeps earlier runs' too (and the test stand-in keeps its data between sessions)
+    hits = list(helpers.scan(es, index=review.index, query={"query": {"term": {"run_id": written[0]["run_id"]}}}))
     assert 0 < len(hits) <= review.max_per_run
+    assert {h["_source"]["product_id"] for h in hits} == {r["product_id"] for r in written}
     for hit in hits:
         doc = hit["_source"]
         assert hit["_id"] == f"{doc['run_id']}:{doc['product_id']}" and doc["product_id"] in dag_run["after"]
