@@ -385,8 +385,15 @@ def fit(model, train_ds, eval_ds, epochs: int, examples_per_epoch: int, label: s
 
     stop = tf.keras.callbacks.EarlyStopping(monitor=f"val_{CATEGORIES}_loss", patience=2, restore_best_weights=True)
     started = time.perf_counter()
+    # One iterator over a repeated dataset: given a finite dataset, Keras makes a new iterator each
+    # epoch, and destroying the old one waits about a second for tf.data's autotuning thread.
     history = model.fit(
-        train_ds, validation_data=eval_ds, epochs=epochs, verbose=0, callbacks=[stop, epoch_progress(examples_per_epoch, epochs, label)]
+        train_ds.repeat(),
+        steps_per_epoch=int(train_ds.cardinality()),
+        validation_data=eval_ds,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[stop, epoch_progress(examples_per_epoch, epochs, label)],
     )
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}, time.perf_counter() - started
 
