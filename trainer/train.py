@@ -239,8 +239,6 @@ def serving_function(model, tft_output, cfg: FeatureConfig) -> Callable[..., Dic
 
 def export_model(model, serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, export_dir: str) -> None:
     """Saves ``model`` behind ``serve`` (:func:`serving_function`) as its raw-input signature."""
-    import tensorflow as tf
-
     # Keyword arguments give the signature its raw input names.
     signature = serve.get_concrete_function(**serving.serving_input_specs(cfg))
     # Only the signature is served (never reloaded as Keras): no optimizer slots (half the size)
