@@ -4,9 +4,12 @@
 - consuming: a queue filled beforehand with N prediction updates (and N neighbour updates, 100
   neighbours each) drained by one ``prodcat consume`` process, and prediction updates by two
   processes on the same queue; documents/s from each consumer's first message to its last ack;
+  ``--repeats`` rounds of the three rows, alternating, and the median of each row over the rounds;
 - the Elasticsearch stand-in alone: the consumer's own bulk scripted updates sent straight to it, one
   request at a time and two at once: the ceiling the consumer is measured against;
-- the rate limiter: documents/s observed at a setting below what the cluster absorbs;
+- the rate limiter: documents/s observed for one consumer and for two on the same queue, each at a
+  setting whose double is below what the cluster absorbs: where the consumers set the pace, a
+  second one doubles the throughput;
 - with ``--chaos-updates``: the combined-fault sequence of :mod:`benchmarks.chaos`.
 
 Everything that writes to Elasticsearch runs on a private stand-in (port 9271) that is reset and
@@ -14,7 +17,7 @@ loaded with N documents before each row: the stand-in's update rate falls as wri
 since its start (measured: 1,376 then 1,235 then 1,202 documents/s for three rounds of 35,000),
 so rows measured one after another on one instance would not compare.
 
-    python -m benchmarks.publish [--messages 35000] [--chaos-updates 8918]
+    python -m benchmarks.publish [--messages 35000] [--repeats 3] [--chaos-updates 8918]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import concurrent.futures
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,6 +192,17 @@ def consumed_row(kind: str, processes: int, stats: List[dict], cpu: Dict[str, fl
     }
 
 
+def consuming_medians(rows: List[dict]) -> List[dict]:
+    """Per kind and number of consumers: the median documents/s over the rounds, and each round's."""
+    groups: Dict[tuple, List[float]] = {}
+    for row in rows:
+        groups.setdefault((row["kind"], row["consumers"]), []).append(row["indexed_docs_per_s"])
+    return [
+        {"kind": kind, "consumers": n, "median_docs_per_s": statistics.median(rates), "rounds": rates}
+        for (kind, n), rates in groups.items()
+    ]
+
+
 def stand_in_alone(es: Elasticsearch, kind: str, n: int, version: int, concurrency: int, bulk_size: int = 500) -> float:
     """Documents/s of the consumer's bulk scripted updates sent straight to Elasticsearch."""
     batches, batch = [], []
@@ -211,17 +226,23 @@ def applied(es: Elasticsearch, version: int) -> int:
 
 
 def rate_limit_check(
-    es: Elasticsearch, es_url: str, rabbit: RabbitConnection, queues: Dict[str, str], config: Path, setting: float, version: int
+    es: Elasticsearch,
+    es_url: str,
+    rabbit: RabbitConnection,
+    queues: Dict[str, str],
+    config: Path,
+    setting: float,
+    version: int,
+    processes: int = 1,
 ) -> float:
-    """Documents/s a consumer writes at ``setting``, over 10 s of a stream longer than that."""
-    n = int(setting * 20)
+    """Documents/s that ``processes`` consumers, each limited to ``setting``, write together over
+    10 s of a stream longer than that."""
+    n = int(setting * processes * 20)
     publish_parallel(rabbit, queues["queue"], queues["dead_letter_queue"], updates("predictions", n, version), 2)
-    proc = subprocess.Popen(
-        consumer_command(es_url, config, setting),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    procs = [
+        subprocess.Popen(consumer_command(es_url, config, setting), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(processes)
+    ]
     try:
         while applied(es, version) == 0:
             time.sleep(0.5)
@@ -229,8 +250,10 @@ def rate_limit_check(
         time.sleep(10)
         return round((applied(es, version) - first) / (time.perf_counter() - t0), 1)
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=120)
         purge(rabbit, queues["queue"])
 
 
@@ -260,9 +283,11 @@ def main() -> None:
     parser.add_argument(
         "--rate-limit",
         type=float,
-        default=500.0,
-        help="setting for the rate-limiter check: below what the cluster absorbs, so that the limiter sets the pace",
+        default=400.0,
+        help="per-consumer setting for the rate-limiter check, one consumer and two: twice it stays below what the"
+        " cluster absorbs, so that the limiters set the pace",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the consuming rows: one and two consumers alternate within each")
     parser.add_argument("--chaos-updates", type=int, default=8918, help="updates in the combined-fault run (0: skip it)")
     args = parser.parse_args()
     from core.config import load_config
@@ -305,15 +330,16 @@ def main() -> None:
     stand_in = PrivateStandIn("bench-publish-noida", BENCH_ES_PORT)
     consuming, alone = [], []
     try:
-        for kind, processes in (("predictions", 1), ("neighbours", 1), ("predictions", 2)):
-            version += 1
-            stand_in.fresh(args.messages)
-            publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates(kind, args.messages, version), 2, p.batch_size)
-            consumers_cpu, stand_in_cpu = children_cpu_seconds(), stand_in.cpu_seconds()
-            stats = consume(stand_in.url, config, processes, 0)
-            cpu = {"consumers": children_cpu_seconds() - consumers_cpu, "stand_in": stand_in.cpu_seconds() - stand_in_cpu}
-            consuming.append(consumed_row(kind, processes, stats, cpu))
-            print(consuming[-1], flush=True)
+        for round_no in range(1, args.repeats + 1):
+            for kind, processes in (("predictions", 1), ("neighbours", 1), ("predictions", 2)):
+                version += 1
+                stand_in.fresh(args.messages)
+                publish_parallel(rabbit, p.queue, p.dead_letter_queue, updates(kind, args.messages, version), 2, p.batch_size)
+                consumers_cpu, stand_in_cpu = children_cpu_seconds(), stand_in.cpu_seconds()
+                stats = consume(stand_in.url, config, processes, 0)
+                cpu = {"consumers": children_cpu_seconds() - consumers_cpu, "stand_in": stand_in.cpu_seconds() - stand_in_cpu}
+                consuming.append({"round": round_no, **consumed_row(kind, processes, stats, cpu)})
+                print(consuming[-1], flush=True)
         for kind, concurrency in (("predictions", 1), ("predictions", 2), ("neighbours", 1)):
             version += 1
             es = stand_in.fresh(args.messages)
@@ -325,18 +351,22 @@ def main() -> None:
                 }
             )
             print(alone[-1], flush=True)
-        version += 1
-        es = stand_in.fresh(args.messages)
-        observed = rate_limit_check(es, stand_in.url, rabbit, queues, config, args.rate_limit, version)
+        observed = {}
+        for processes in (1, 2):
+            version += 1
+            es = stand_in.fresh(args.messages)
+            observed[processes] = rate_limit_check(es, stand_in.url, rabbit, queues, config, args.rate_limit, version, processes)
+            print({"rate_limit": args.rate_limit, "consumers": processes, "observed": observed[processes]}, flush=True)
     finally:
         stand_in.stop()
     results = {
         "messages": args.messages,
         "publishing": publishing,
         "consuming": consuming,
+        "consuming_median": consuming_medians(consuming),
         "stand_in_alone": alone,
         "stand_in": "noida-db, restarted empty and loaded with `messages` documents before each consuming and stand_in_alone row",
-        "rate_limit": {"setting": args.rate_limit, "observed": observed},
+        "rate_limit": {"setting": args.rate_limit, "observed": observed[1], "observed_two_consumers": observed[2]},
         "consumer": {"bulk_size": p.consumer_bulk_size, "prefetch": p.consumer_prefetch, "concurrency": p.consumer_concurrency},
     }
     if args.chaos_updates:
