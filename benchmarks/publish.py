@@ -8,8 +8,8 @@
 - the Elasticsearch stand-in alone: the consumer's own bulk scripted updates sent straight to it, one
   request at a time and two at once: the ceiling the consumer is measured against;
 - the rate limiter: documents/s observed for one consumer and for two on the same queue, each at a
-  setting whose double is below what the cluster absorbs: where the consumers set the pace, a
-  second one doubles the throughput;
+  setting whose double is below what the cluster absorbs, so that the consumers set the pace: what
+  a second consumer adds where the cluster is not the bound;
 - with ``--chaos-updates``: the combined-fault sequence of :mod:`benchmarks.chaos`.
 
 Everything that writes to Elasticsearch runs on a private stand-in (port 9271) that is reset and
