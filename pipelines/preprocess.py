@@ -1,10 +1,15 @@
 """Beam + TF Transform preprocessing of one dump, driven by ``feature_config.yaml``.
 
-    dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> WriteDeadLetters
-        -> EmbedImages (fetch, cache, RunInference) -> clean rows
-        -> WriteCleanParquet (clean raw data + embeddings, for analysis and neighbours)
-        -> TransformSplits: tf.Example -> TFXIO record batches -> TF Transform (analyse on train)
-                            -> transformed/{train,eval,test}-*.tfrecord.gz + transform_fn/
+    clean pipeline:     dump/*.jsonl.gz -> ValidateProducts -(dead letters)-> WriteDeadLetters
+                            -> EmbedImages (fetch, cache, RunInference) -> clean rows
+                            -> WriteCleanParquet (clean raw data + embeddings, for analysis and neighbours)
+    transform pipeline: clean/*.parquet -> TransformSplits: + training labels -> TFXIO record batches
+                            -> TF Transform (analyse on train) -> transformed/{train,eval,test}-*.tfrecord.gz
+                               + transform_fn/
+
+Two pipelines, so that every stage streams: TF Transform reads the clean rows twice (analysis,
+then transform), and a PCollection consumed after the analysis is held whole by a runner that
+keeps data between stages in memory (the DirectRunner).
 
 Bad records never stop the run: a rejected record goes to ``dead_letters/`` with its
 reason, a degraded one (no usable image) is kept and flagged. Beam counters report both.
@@ -51,23 +56,34 @@ def split_of(product_id: str, salt: str, test_percent: int, eval_percent: int) -
     return "eval" if dev_bucket < eval_percent else "train"
 
 
-def label_vectors(tree: CategoryTree, rule_ids: Sequence[str]) -> Tuple[List[float], List[float]]:
-    """Multi-hot labels closed under ancestors, and the mask of which classes are known.
+class TrainingLabels:
+    """Rows' categories -> their training labels and masks, ``[rows, categories]`` float32.
 
-    Below a labelled category that has no labelled child, the rules said nothing about
-    which child applies: those descendants are masked out, not counted as negatives.
+    Labels: the categories closed under ancestors. Below a labelled category that has no labelled
+    child, the rules said nothing about which child applies: those descendants are masked out,
+    not counted as negatives.
     """
-    closed = tree.closure(rule_ids)
-    labels = [0.0] * len(tree)
-    mask = [1.0] * len(tree)
-    for cid in closed:
-        labels[tree.index[cid]] = 1.0
-    closed_set = set(closed)
-    for cid in closed:
-        if not any(child in closed_set for child in tree.children(cid)):
-            for d in tree.descendants(cid):
-                mask[tree.index[d]] = 0.0
-    return labels, mask
+
+    def __init__(self, tree: CategoryTree):
+        size = len(tree)
+        self._index = tree.index
+        self._up = np.zeros((size, size), np.float32)  # [category, itself or an ancestor]
+        self._children = np.zeros((size, size), np.float32)  # [category, a child]
+        self._below = np.zeros((size, size), np.float32)  # [category, a descendant]
+        for cid in tree.ids:
+            i = tree.index[cid]
+            self._up[i, [i, *(tree.index[a] for a in tree.ancestors(cid))]] = 1
+            self._children[i, [tree.index[c] for c in tree.children(cid)]] = 1
+            self._below[i, [tree.index[d] for d in tree.descendants(cid)]] = 1
+
+    def __call__(self, categories: Sequence[Sequence[str]]) -> Tuple[np.ndarray, np.ndarray]:
+        """Each row's category ids (unknown ones raise KeyError) -> (labels, mask)."""
+        given = np.zeros((len(categories), len(self._index)), np.float32)
+        for row, ids in enumerate(categories):
+            given[row, [self._index[c] for c in ids]] = 1
+        labels = (given @ self._up > 0).astype(np.float32)
+        open_below = labels * (labels @ self._children.T == 0)
+        return labels, (open_below @ self._below == 0).astype(np.float32)
 
 
 def _dead(reason: str, record: Any) -> beam.pvalue.TaggedOutput:
@@ -77,7 +93,8 @@ def _dead(reason: str, record: Any) -> beam.pvalue.TaggedOutput:
 
 
 class ValidateProduct(beam.DoFn):
-    """Parses one dumped JSON line into a clean row, or emits a dead letter with the reason."""
+    """Parses one dumped JSON line into a clean row, or emits a dead letter with the reason. The row's
+    rule and human categories are those in the tree, closed under ancestors."""
 
     def __init__(self, cfg: FeatureConfig, tree_records: List[dict]):
         self._cfg = cfg
@@ -138,11 +155,8 @@ class ValidateProduct(beam.DoFn):
         row["image_url"] = image_url if isinstance(image_url, str) and image_url else ""
         rules = self._known_categories(doc.get(self._cfg.labels.rule_field), self._unknown_label)
         human = self._known_categories(doc.get(self._cfg.labels.human_field), self._unknown_human_label)
-        labels, mask = label_vectors(self._tree, human or rules)  # human labels beat rule labels
         row[RULE_CATEGORIES] = self._tree.closure(rules)
         row[HUMAN_CATEGORIES] = self._tree.closure(human)
-        row[features.LABELS] = labels
-        row[features.LABEL_MASK] = mask
         split = self._cfg.split
         row["split"] = split_of(row["id"], split.salt, split.test_percent, split.eval_percent)
         Metrics.counter(NAMESPACE, f"valid_{row['split']}").inc()
@@ -258,10 +272,9 @@ def to_clean_record(row: Dict[str, Any], schema: pa.Schema) -> Dict[str, Any]:
 
 
 def to_raw_example(row: Dict[str, Any], cfg: FeatureConfig) -> Dict[str, Any]:
-    """The instance dict of the raw feature spec: the row's raw inputs (as served) and its labels."""
+    """The row's raw inputs (as served) and attribute labels: the raw feature spec's features but
+    the category labels and mask (:class:`TrainingLabels`)."""
     example = inputs.raw_inputs(cfg, row)
-    example[features.LABELS] = np.asarray(row[features.LABELS], dtype=np.float32)
-    example[features.LABEL_MASK] = np.asarray(row[features.LABEL_MASK], dtype=np.float32)
     for attr in cfg.labels.attributes:
         value = row.get(attr.source) or ""
         example[attr.source] = [value] if value else []
@@ -278,20 +291,27 @@ def encode_transformed(batch: pa.RecordBatch, _passthrough: Any = None) -> List[
     return [Example.FromString(e).SerializeToString(deterministic=True) for e in example_coder.RecordBatchToExamples(batch)]
 
 
-def raw_record_batch(rows: Sequence[Dict[str, Any]], cfg: FeatureConfig, schema: pa.Schema) -> pa.RecordBatch:
-    """Clean rows -> one record batch of their raw examples (:func:`to_raw_example`) in ``schema``,
-    the large-list columns TFXIO decodes ``tf.Example``s into; numeric values go in by the array,
-    not one Python value at a time."""
+def raw_record_batch(
+    rows: Sequence[Dict[str, Any]], cfg: FeatureConfig, schema: pa.Schema, training_labels: TrainingLabels
+) -> pa.RecordBatch:
+    """Clean rows -> one record batch of their raw examples (:func:`to_raw_example`, and the
+    training labels of their human categories where they have any, else of their rule
+    categories) in ``schema``, the large-list columns TFXIO decodes ``tf.Example``s into; numeric
+    values go in by the array, not one Python value at a time."""
     examples = [to_raw_example(r, cfg) for r in rows]
+    categories = [r.get(HUMAN_CATEGORIES) or r.get(RULE_CATEGORIES) or [] for r in rows]
+    matrices = dict(zip((features.LABELS, features.LABEL_MASK), training_labels(categories)))
     columns = []
     for field in schema:
-        per_row = [e[field.name] for e in examples]
-        if pa.types.is_large_binary(field.type.value_type):
-            per_row = [[v] if isinstance(v, (str, bytes)) else list(v) for v in per_row]
+        if field.name in matrices:
+            lengths = [matrices[field.name].shape[1]] * len(rows)
+            values = pa.array(matrices[field.name].reshape(-1), field.type.value_type)
+        elif pa.types.is_large_binary(field.type.value_type):
+            per_row = [[v] if isinstance(v, (str, bytes)) else list(v) for v in (e[field.name] for e in examples)]
             lengths = [len(v) for v in per_row]
             values = pa.array([v.encode() if isinstance(v, str) else v for vs in per_row for v in vs], field.type.value_type)
         else:
-            arrays = [np.asarray(v).reshape(-1) for v in per_row]
+            arrays = [np.asarray(e[field.name]).reshape(-1) for e in examples]
             lengths = [len(a) for a in arrays]
             values = pa.array(np.concatenate(arrays) if arrays else [], field.type.value_type)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64())
@@ -327,45 +347,60 @@ class WriteCleanParquet(beam.PTransform):
 
 
 class TransformSplits(beam.PTransform):
-    """Clean rows -> raw tf.Examples per split -> TF Transform analysed on the train split only ->
-    ``<out_dir>/transform_fn/`` and ``<out_dir>/transformed/{train,eval,test}-*.tfrecord.gz``.
+    """Clean Parquet files (``clean_pattern``) -> raw tf.Examples per split -> TF Transform analysed
+    on the train split only -> ``<out_dir>/transform_fn/`` and
+    ``<out_dir>/transformed/{train,eval,test}-*.tfrecord.gz``.
 
-    Needs an enclosing ``tensorflow_transform.beam.Context`` (its temp dir).
+    The analysis and the transform each read the files: one read feeding both would be held whole
+    between them. Needs an enclosing ``tensorflow_transform.beam.Context`` (its temp dir).
     """
 
-    def __init__(self, cfg: FeatureConfig, num_categories: int, out_dir: str):
+    def __init__(self, cfg: FeatureConfig, tree_records: List[dict], clean_pattern: str, out_dir: str):
         super().__init__()
         self._cfg = cfg
-        self._num_categories = num_categories
+        self._tree_records = tree_records
+        self._clean_pattern = clean_pattern
         self._out_dir = out_dir
 
-    def expand(self, rows: beam.PCollection) -> Dict[str, beam.PCollection]:
+    def _record_batches(self, rows: beam.PCollection, name: str, arrow_schema: pa.Schema) -> beam.PCollection:
+        labels = TrainingLabels(CategoryTree.from_records(self._tree_records))
+        return (
+            rows
+            | f"BatchRows[{name}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
+            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, labels)
+        )
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> Dict[str, beam.PCollection]:
         """Returns the names of the transformed files written, by split."""
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import schema_utils
         from tfx_bsl.public import tfxio
 
-        raw_schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(self._cfg, self._num_categories))
+        raw_schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(self._cfg, len(self._tree_records)))
         source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
         arrow_schema = source.ArrowSchema()
-        by_split = rows | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
-        batches = {
-            name: (
-                by_split[i]
-                | f"BatchRows[{name}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
-                | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema)
-            )
-            for i, name in enumerate(SPLITS)
-        }
         adapter = source.TensorAdapterConfig()
-        transform_fn = (batches["train"], adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(features.make_preprocessing_fn(self._cfg))
+        train = (
+            pbegin
+            | "ReadCleanForAnalysis" >> beam.io.ReadFromParquet(self._clean_pattern)
+            | "KeepTrain" >> beam.Filter(lambda r: r["split"] == "train")
+        )
+        transform_fn = (self._record_batches(train, "analysis", arrow_schema), adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(
+            features.make_preprocessing_fn(self._cfg)
+        )
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
+        by_split = (
+            pbegin
+            | "ReadCleanForTransform" >> beam.io.ReadFromParquet(self._clean_pattern)
+            | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
+        )
         written = {}
-        for name in SPLITS:
+        for i, name in enumerate(SPLITS):
+            batches = self._record_batches(by_split[i], name, arrow_schema)
             # Record batches out, encoded by tfx_bsl's C++ encoder: a dict and a Python proto
             # encode per example cost more than the transform itself.
             transform = tft_beam.TransformDataset(output_record_batches=True)
-            data, _ = ((batches[name], adapter), transform_fn) | f"Transform[{name}]" >> transform
+            data, _ = ((batches, adapter), transform_fn) | f"Transform[{name}]" >> transform
             written[name] = (
                 data
                 | f"EncodeTransformed[{name}]" >> beam.FlatMapTuple(encode_transformed)
@@ -382,7 +417,7 @@ def preprocess(
     cache_root: str,
     beam_args: Optional[Sequence[str]] = None,
 ) -> dict:
-    """Runs the preprocessing pipeline over a finished dump; returns the summary it wrote."""
+    """Runs the clean and transform pipelines over a finished dump; returns the summary it wrote."""
     import tensorflow_transform.beam as tft_beam
 
     from pipelines.dump import read_tree
@@ -391,16 +426,19 @@ def preprocess(
     tree = read_tree(dump_dir)
     parquet_schema = clean_parquet_schema(cfg, [a.source for a in cfg.labels.attributes])
     with storage.atomic_stage(out_dir) as tmp:
-        with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as p, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
-            lines = p | "ReadDump" >> beam.io.ReadFromText(storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder())
+        clean_prefix = storage.join(tmp, "clean", "clean")
+        with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as clean:
+            lines = clean | "ReadDump" >> beam.io.ReadFromText(storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder())
             validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(DEAD, main="valid")
             _ = validated[DEAD] | "WriteDeadLetters" >> WriteDeadLetters(storage.join(tmp, "dead_letters", "dead"))
             rows = validated.valid
             if cfg.image is not None:
                 rows = rows | "EmbedImages" >> EmbedImages(cfg, cache_root)
-            _ = rows | "WriteCleanParquet" >> WriteCleanParquet(storage.join(tmp, "clean", "clean"), parquet_schema)
-            _ = rows | "TransformSplits" >> TransformSplits(cfg, len(tree), tmp)
-        counters = beam_counters(p.result, NAMESPACE)
+            _ = rows | "WriteCleanParquet" >> WriteCleanParquet(clean_prefix, parquet_schema)
+        options = PipelineOptions(list(beam_args or []))
+        with beam.Pipeline(options=options) as transform, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
+            _ = transform | "TransformSplits" >> TransformSplits(cfg, tree.to_records(), f"{clean_prefix}-*.parquet", tmp)
+        counters = beam_counters(clean.result, NAMESPACE)
         FileSystems.delete([storage.join(tmp, "tft_tmp")])
         storage.write_json(storage.join(tmp, "categories.json"), tree.to_records())
         summary = {"counters": counters, "categories": len(tree)}

@@ -9,6 +9,7 @@ import threading
 import time
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,11 +22,11 @@ from core.config import load_config, parse_config
 from core.taxonomy import CategoryTree
 from pipelines.preprocess import (
     DEAD,
+    TrainingLabels,
     TransformSplits,
     ValidateProduct,
     WriteCleanParquet,
     WriteDeadLetters,
-    label_vectors,
     preprocess,
     raw_record_batch,
     split_of,
@@ -94,31 +95,18 @@ def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
     assert counters["rejected_invalid_json"] == 1
 
 
-def test_human_labels_replace_rule_labels_as_training_labels_and_unknown_ones_are_counted(cfg):
+def test_validate_product_keeps_known_human_and_rule_categories_and_counts_unknown_ones(cfg):
     shirts, tshirts = "Apparel > Topwear > Shirts", "Apparel > Topwear > Tshirts"
     line = json.dumps(doc("20", rule_categories=[tshirts], human_categories=[shirts, "Not > A > Category"])).encode()
     rules_only = json.dumps(doc("21", rule_categories=[tshirts])).encode()
     with test_pipeline.TestPipeline() as p:
         out = p | beam.Create([line, rules_only]) | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid")
         assert_that(
-            out.valid
-            | beam.Map(
-                lambda r: (
-                    r["id"],
-                    tuple(r["human_categories"]),
-                    tuple(r["rule_categories"]),
-                    tuple(TREE.ids[i] for i, v in enumerate(r["labels"]) if v),
-                )
-            ),
+            out.valid | beam.Map(lambda r: (r["id"], tuple(r["human_categories"]), tuple(r["rule_categories"]))),
             equal_to(
                 [
-                    (
-                        "20",
-                        ("Apparel", "Apparel > Topwear", shirts),
-                        ("Apparel", "Apparel > Topwear", tshirts),
-                        ("Apparel", "Apparel > Topwear", shirts),
-                    ),
-                    ("21", (), ("Apparel", "Apparel > Topwear", tshirts), ("Apparel", "Apparel > Topwear", tshirts)),
+                    ("20", ("Apparel", "Apparel > Topwear", shirts), ("Apparel", "Apparel > Topwear", tshirts)),
+                    ("21", (), ("Apparel", "Apparel > Topwear", tshirts)),
                 ]
             ),
         )
@@ -127,11 +115,29 @@ def test_human_labels_replace_rule_labels_as_training_labels_and_unknown_ones_ar
 
 
 def test_labels_add_ancestors_and_mask_unknown_specificity():
-    labels, mask = label_vectors(TREE, ["Apparel > Topwear"])
-    on = {TREE.ids[i] for i, v in enumerate(labels) if v}
-    assert on == {"Apparel", "Apparel > Topwear"}
-    masked = {TREE.ids[i] for i, v in enumerate(mask) if not v}
-    assert masked == {"Apparel > Topwear > Tshirts", "Apparel > Topwear > Shirts"}
+    rows = [["Apparel > Topwear"], ["Footwear > Shoes > Heels"], ["Footwear"], [], ["Apparel > Topwear > Shirts", "Footwear > Shoes"]]
+    labels, mask = TrainingLabels(TREE)(rows)
+    assert labels.shape == mask.shape == (len(rows), len(TREE)) and labels.dtype == mask.dtype == np.float32
+
+    def names(row, matrix, value):
+        return {TREE.ids[i] for i, v in enumerate(matrix[row]) if v == value}
+
+    assert [names(r, labels, 1) for r in range(len(rows))] == [
+        {"Apparel", "Apparel > Topwear"},
+        {"Footwear", "Footwear > Shoes", "Footwear > Shoes > Heels"},
+        {"Footwear"},
+        set(),
+        {"Apparel", "Apparel > Topwear", "Apparel > Topwear > Shirts", "Footwear", "Footwear > Shoes"},
+    ]
+    assert [names(r, mask, 0) for r in range(len(rows))] == [
+        {"Apparel > Topwear > Tshirts", "Apparel > Topwear > Shirts"},
+        set(),
+        {"Footwear > Shoes", "Footwear > Shoes > Heels"},
+        set(),
+        {"Footwear > Shoes > Heels"},
+    ]
+    with pytest.raises(KeyError):
+        TrainingLabels(TREE)([["Not > A > Category"]])
 
 
 def test_split_is_deterministic_and_roughly_90_10():
@@ -245,7 +251,7 @@ def test_write_clean_parquet_keeps_only_the_schema_columns(tmp_path):
     ]
 
 
-def test_transform_splits_analyses_the_train_split_only_and_writes_every_split(tmp_path):
+def test_transform_splits_reads_clean_parquet_analyses_the_train_split_only_and_writes_every_split(tmp_path):
     import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
 
@@ -259,17 +265,19 @@ def test_transform_splits_analyses_the_train_split_only_and_writes_every_split(t
         }
     )
 
-    def clean(pid, title, gender, split):
-        return {"id": pid, "title": title, "gender": gender, "split": split, "labels": [1.0, 0.0], "label_mask": [1.0, 1.0]}
-
+    tree = CategoryTree.from_paths([("Apparel", "Topwear")])
     rows = [
-        clean("1", "Red Tee", "Men", "train"),
-        clean("2", "red top", "Women", "train"),
-        clean("3", "blue tee", "Girls", "eval"),
-        clean("4", "green hat", "Men", "test"),
+        {"id": pid, "title": title, "gender": gender, "split": split, "rule_categories": ["Apparel"], "human_categories": []}
+        for pid, title, gender, split in [
+            ("1", "Red Tee", "Men", "train"),
+            ("2", "red top", "Women", "train"),
+            ("3", "blue tee", "Girls", "eval"),
+            ("4", "green hat", "Men", "test"),
+        ]
     ]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "clean-00000.parquet"))
     with test_pipeline.TestPipeline() as p, tft_beam.Context(temp_dir=str(tmp_path / "tft_tmp")):
-        _ = p | beam.Create(rows) | TransformSplits(cfg, 2, str(tmp_path))
+        _ = p | TransformSplits(cfg, tree.to_records(), str(tmp_path / "clean-*.parquet"), str(tmp_path))
     output = tft.TFTransformOutput(str(tmp_path / "transform_fn"))
     # train only: red (2), then top and tee (1 each, ties by token descending); eval's "blue" and test's words are absent
     assert output.vocabulary_by_name("title") == [b"red", b"top", b"tee"]
@@ -288,7 +296,6 @@ def test_transform_splits_analyses_the_train_split_only_and_writes_every_split(t
 
 
 def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):
-    import numpy as np
     import tensorflow_transform as tft
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.coders import example_coder
@@ -304,12 +311,14 @@ def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):
         {**doc("1", title="Puma Men Blue Tshirt", usage=""), "image_embedding": rng.random(1280).tolist(), "has_image": 1},
         {**doc("2", title="Café Women Heels", gender=""), "image_embedding": None, "has_image": 0},
     ]
-    for r in rows:
-        r.update(zip((features.LABELS, features.LABEL_MASK), label_vectors(TREE, ["Footwear > Shoes > Heels"])))
-    batch = raw_record_batch(rows, cfg, source.ArrowSchema())
+    rows[0].update(rule_categories=["Footwear > Shoes > Heels"], human_categories=["Apparel > Topwear"])
+    rows[1].update(rule_categories=["Footwear"], human_categories=[])
+    batch = raw_record_batch(rows, cfg, source.ArrowSchema(), TrainingLabels(TREE))
     from_batch = tf.io.parse_example(example_coder.RecordBatchToExamples(batch), spec)
     coder = tft.coders.ExampleProtoCoder(schema)
-    from_examples = tf.io.parse_example([coder.encode(to_raw_example(r, cfg)) for r in rows], spec)
+    labels, mask = TrainingLabels(TREE)([["Apparel > Topwear"], ["Footwear"]])  # human categories beat rule ones
+    examples = [{**to_raw_example(r, cfg), features.LABELS: labels[i], features.LABEL_MASK: mask[i]} for i, r in enumerate(rows)]
+    from_examples = tf.io.parse_example([coder.encode(e) for e in examples], spec)
     assert batch.num_rows == 2 and set(from_batch) == set(spec)
     for name in spec:
         a, b = from_batch[name], from_examples[name]

@@ -10,7 +10,7 @@ import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.k
 
 from core.config import load_config
 from core.taxonomy import CategoryTree
-from pipelines.preprocess import label_vectors
+from pipelines.preprocess import TrainingLabels
 from trainer.hierarchy import best_paths, category_entries, decide
 from trainer.metrics import evaluate_predictions, truth_matrix
 from trainer.model import (
@@ -247,7 +247,7 @@ def test_blessing_gate_keeps_the_better_model_unless_forced(tmp_path):
 
 def test_pseudo_labels_fill_only_what_rules_left_open_and_agree_with_them():
     rules = [["A > A1 > A1x"], ["A > A1"], [], []]
-    labels, masks = map(np.array, zip(*(label_vectors(TREE, r) for r in rules)))
+    labels, masks = TrainingLabels(TREE)(rules)
     scores = np.zeros((4, len(TREE)), np.float32)
     leaf = {name: TREE.index[name] for name in ("A > A1 > A1x", "A > A1 > A1y", "A > A2 > A2x", "B > B1 > B1x")}
     scores[0, leaf["B > B1 > B1x"]] = 0.99  # a rule label at the finest level is kept whatever the score
