@@ -14,12 +14,17 @@ RULE_CATEGORIES = "rule_categories"
 HUMAN_CATEGORIES = "human_categories"
 
 
-def read_clean_rows(preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048) -> Iterator[Dict[str, Any]]:
-    """Streams the clean rows of a finished preprocessing stage, row group by row group."""
+def read_clean_rows(
+    preprocess_dir: str, columns: Optional[Sequence[str]] = None, batch_size: int = 2048, split: Optional[str] = None
+) -> Iterator[Dict[str, Any]]:
+    """Streams the clean rows of a finished preprocessing stage (those of ``split`` only, if given),
+    row group by row group."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     storage.require_complete(preprocess_dir)
     for path in storage.list_files(storage.join(preprocess_dir, "clean"), "*.parquet"):
         with storage.open_read(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
-                yield from batch.to_pylist()
+                # filtered before to_pylist: other splits' embeddings never become Python lists
+                yield from (batch if split is None else batch.filter(pc.equal(batch.column("split"), split))).to_pylist()

@@ -427,7 +427,8 @@ def preprocess(
     parquet_schema = clean_parquet_schema(cfg, [a.source for a in cfg.labels.attributes])
     with storage.atomic_stage(out_dir) as tmp:
         clean_prefix = storage.join(tmp, "clean", "clean")
-        with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as clean:
+        options = PipelineOptions(list(beam_args or []))
+        with beam.Pipeline(options=options) as clean:
             lines = clean | "ReadDump" >> beam.io.ReadFromText(storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder())
             validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(DEAD, main="valid")
             _ = validated[DEAD] | "WriteDeadLetters" >> WriteDeadLetters(storage.join(tmp, "dead_letters", "dead"))
@@ -435,7 +436,6 @@ def preprocess(
             if cfg.image is not None:
                 rows = rows | "EmbedImages" >> EmbedImages(cfg, cache_root)
             _ = rows | "WriteCleanParquet" >> WriteCleanParquet(clean_prefix, parquet_schema)
-        options = PipelineOptions(list(beam_args or []))
         with beam.Pipeline(options=options) as transform, tft_beam.Context(temp_dir=storage.join(tmp, "tft_tmp")):
             _ = transform | "TransformSplits" >> TransformSplits(cfg, tree.to_records(), f"{clean_prefix}-*.parquet", tmp)
         counters = beam_counters(clean.result, NAMESPACE)

@@ -113,7 +113,7 @@ def test_extra_examples_are_always_trained_on_and_never_scored_or_relabelled(cfg
         return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
     # rows 0 and 2 rule-labelled, row 1 not; two extra rows, every class a known negative
-    own = np.asarray([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]], np.float32)
+    own = np.asarray([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]], np.uint8)
     split = TransformedSplit(("train-0",), tf.constant([example(x) for x in (0, 1, 2)]), own)
     split = with_examples(split, [example(10), example(11)], np.asarray([[0, 0, 1, 1]] * 2, np.float32))
     no_attributes = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, attributes=()))

@@ -61,7 +61,7 @@ def evaluate_model(
     with ``scores_path``, also the split's scores and labels (:func:`write_scores`)."""
     model = ServingModel.load(model_dir)
     tree = model.tree
-    rows = (r for r in read_clean_rows(preprocess_dir) if r["split"] == split)
+    rows = read_clean_rows(preprocess_dir, split=split)
     ids, raw, scores, positives, rule_sets, true_sets = [], [], [], [], [], []
     attr_hits = {a.name: [0, 0] for a in cfg.labels.attributes}
     vocab = model.attribute_values()

@@ -42,18 +42,35 @@ def transformed_files(preprocess_dir: str, split: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class TransformedSplit:
     """One split's serialized transformed examples, read once into memory, and their stored
-    ``[labels | mask]`` (rule labels) in file order; the last ``extra`` rows are synthetic examples
-    added once per training (:func:`with_examples`), every class a known negative."""
+    ``[labels | mask]`` (rule labels; 0/1, so uint8) in file order; the last ``extra`` targets are
+    of synthetic examples added once per training (:func:`with_examples`), every class a known
+    negative. Those are kept apart, so adding them does not copy the split's records."""
 
     files: Tuple[str, ...]
-    records: Any  # tf.string tensor [examples]
-    targets: np.ndarray  # float32 [examples, 2 * categories]
-    extra: int = 0
+    records: Any  # tf.string tensor [own examples]
+    targets: np.ndarray  # uint8 [own + extra examples, 2 * categories]
+    extra_records: Any = None  # tf.string tensor [extra examples]
 
     @property
     def own(self) -> int:
         """How many rows are the split's own examples (the first ones)."""
-        return len(self.targets) - self.extra
+        return int(self.records.shape[0])
+
+    @property
+    def extra(self) -> int:
+        return len(self.targets) - self.own
+
+    def gather(self, index):
+        """The serialized records at ``index`` (a tensor of row numbers: own rows, then extra ones)."""
+        import tensorflow as tf
+
+        if not self.extra:
+            return tf.gather(self.records, index)
+        if not self.own:
+            return tf.gather(self.extra_records, index)
+        own = tf.gather(self.records, tf.minimum(index, self.own - 1))
+        extra = tf.gather(self.extra_records, tf.maximum(index - self.own, 0))
+        return tf.where(index < self.own, own, extra)
 
 
 def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
@@ -67,21 +84,22 @@ def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
     batches = list(tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096))
     records = tf.concat(batches, axis=0) if batches else tf.constant([], tf.string)
     targets = [
-        tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1).numpy() for ex in (tf.io.parse_example(b, spec) for b in batches)
+        tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1).numpy().astype(np.uint8)
+        for ex in (tf.io.parse_example(b, spec) for b in batches)
     ]
-    return TransformedSplit(tuple(files), records, np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.float32))
+    return TransformedSplit(tuple(files), records, np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.uint8))
 
 
 def with_examples(split: TransformedSplit, serialized: List[bytes], targets: np.ndarray) -> TransformedSplit:
-    """``split`` with ``serialized`` examples appended as its extra rows: one copy of the records
-    per training, however many datasets are made of it."""
+    """``split`` with ``serialized`` examples (and their 0/1 ``targets``) as its extra rows: one copy
+    of them per training, however many datasets are made of it."""
     import tensorflow as tf
 
     return TransformedSplit(
         split.files,
-        tf.concat([split.records, tf.constant(serialized, tf.string)], axis=0),
-        np.concatenate([split.targets, targets.astype(np.float32)]),
-        split.extra + len(serialized),
+        split.records,
+        np.concatenate([split.targets, targets.astype(np.uint8)]),
+        tf.constant(serialized, tf.string),
     )
 
 
@@ -111,11 +129,10 @@ def make_dataset(
     if targets is None:
         targets = split.targets
     else:
-        targets = np.concatenate([targets.astype(np.float32), split.targets[split.own :]])
+        targets = np.concatenate([targets.astype(np.uint8), split.targets[split.own :]])
     keep = targets[:, : targets.shape[1] // 2].sum(axis=1) > 0 if only_labelled else np.ones(len(targets), dtype=bool)
     keep[split.own :] = with_extra
     kept = np.flatnonzero(keep)
-    records = split.records
     targets = tf.constant(targets)
     ds = tf.data.Dataset.from_tensor_slices(kept)
     if shuffle:
@@ -123,8 +140,8 @@ def make_dataset(
     spec = {k: v for k, v in spec.items() if k not in (features.LABELS, features.LABEL_MASK)}
 
     def parse(index):
-        ex = tf.io.parse_example(tf.gather(records, index), spec)
-        batch_targets = tf.gather(targets, index)
+        ex = tf.io.parse_example(split.gather(index), spec)
+        batch_targets = tf.cast(tf.gather(targets, index), tf.float32)
         labels = {CATEGORIES: batch_targets, PROXIES: batch_targets}
         for attr in cfg.labels.attributes:
             labels[attr.name] = ex.pop(features.attribute_key(attr.name))
@@ -315,7 +332,7 @@ def golden_set(cfg: FeatureConfig, preprocess_dir: str, tree: CategoryTree) -> T
     """The eval split's clean rows and their ground truth ``[N, C]``: the small golden set that may
     choose thresholds and judge self-training rounds. It is never a training label, and the
     test split is never read."""
-    rows = [r for r in read_clean_rows(preprocess_dir) if r["split"] == "eval"]
+    rows = list(read_clean_rows(preprocess_dir, split="eval"))
     field = cfg.labels.ground_truth_field
     return rows, truth_matrix(tree, [[r[field]] if r.get(field) else [] for r in rows])
 
