@@ -1,4 +1,4 @@
-.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish bench-dag bench-fewshot
+.PHONY: setup services main test test-unit lint airflow benchmarks bench-preprocess bench-quality bench-neighbours bench-publish bench-dag bench-fewshot bench-memory
 
 setup:
 	scripts/setup.sh
@@ -24,7 +24,7 @@ airflow: services
 	scripts/airflow_local.sh
 
 
-benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish bench-dag bench-fewshot
+benchmarks: bench-preprocess bench-quality bench-neighbours bench-publish bench-dag bench-fewshot bench-memory
 
 bench-publish: services
 	.venv/bin/python -m benchmarks.publish
@@ -61,3 +61,7 @@ bench-neighbours: $(BENCH_RUN)/preprocess/_SUCCESS
 SCALING ?= 3
 bench-dag: services
 	.venv/bin/python -m benchmarks.dag --catalogue $(CATALOGUE) --scaling-factor $(SCALING)
+
+# preprocess and train each alone in a fresh process, peak RSS and time at 1x and 3x the catalogue
+bench-memory:
+	.venv/bin/python -m benchmarks.memory --catalogue $(CATALOGUE) --factor $(SCALING)
