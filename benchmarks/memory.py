@@ -42,6 +42,7 @@ STAGE_CODE = {
 def write_dump(catalogue: Path, dump_dir: Path) -> int:
     """The catalogue's product documents as a finished dump folder (two files, like two slices)."""
     from core.taxonomy import CategoryTree
+    from pipelines.dump import slice_file
     from services.catalogue import RuleLabeller, product_documents
 
     tree = CategoryTree.load_json(str(REPO / "data" / "fashion_categories.json"))
@@ -50,16 +51,15 @@ def write_dump(catalogue: Path, dump_dir: Path) -> int:
     with storage.atomic_stage(str(dump_dir)) as tmp:
         half = len(docs) // 2
         for i, part in enumerate((docs[:half], docs[half:])):
-            with gzip.open(f"{tmp}/products-{i:05d}-of-00002.jsonl.gz", "wb") as f:
+            with gzip.open(f"{tmp}/{slice_file(i, 2)}", "wb") as f:
                 f.write(b"\n".join(part) + b"\n")
         storage.write_json(f"{tmp}/categories.json", tree.to_records())
     return len(docs)
 
 
 def measured_stage(stage: str, run: Path, cache: Path) -> dict:
-    """Runs ``stage`` in a fresh Python process; its wall seconds and the tree's peak RSS."""
-    for out in {"preprocess": ["preprocess"], "train": ["model"]}[stage]:
-        shutil.rmtree(run / out, ignore_errors=True)
+    """Runs ``stage`` in a fresh Python process (it replaces its output folder, as a rerun task
+    does); its wall seconds and the tree's peak RSS."""
     code = (
         "import logging; logging.basicConfig(level=logging.WARNING); from core.config import load_config; "
         f"cfg = load_config('{REPO / 'feature_config.yaml'}'); run, cache = '{run}', '{cache}'; {STAGE_CODE[stage]}"

@@ -29,6 +29,11 @@ def product_fields(cfg: FeatureConfig) -> Tuple[str, ...]:
     return ("id", *sorted(sources | {cfg.labels.rule_field, cfg.labels.human_field, cfg.labels.ground_truth_field}))
 
 
+def slice_file(slice_id: int, slices: int) -> str:
+    """The name of a dump's file for one of its ``slices`` slices (preprocessing reads ``products-*.jsonl.gz``)."""
+    return f"products-{slice_id:05d}-of-{slices:05d}.jsonl.gz"
+
+
 def iter_slice(
     es: Elasticsearch,
     pit_id: str,
@@ -97,7 +102,7 @@ def dump_products(
         with storage.atomic_stage(out_dir) as tmp:
 
             def write_slice(slice_id: int) -> int:
-                path = storage.join(tmp, f"products-{slice_id:05d}-of-{slices:05d}.jsonl.gz")
+                path = storage.join(tmp, slice_file(slice_id, slices))
                 n = 0
                 with storage.open_write(path) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
                     for doc in iter_slice(es, pit, slice_id, slices, page_size, query, fields):

@@ -367,16 +367,16 @@ class TransformSplits(beam.PTransform):
     def __init__(self, cfg: FeatureConfig, tree_records: List[dict], clean_pattern: str, out_dir: str):
         super().__init__()
         self._cfg = cfg
-        self._tree_records = tree_records
+        self._num_categories = len(tree_records)
+        self._labels = TrainingLabels(CategoryTree.from_records(tree_records))
         self._clean_pattern = clean_pattern
         self._out_dir = out_dir
 
     def _record_batches(self, rows: beam.PCollection, name: str, arrow_schema: pa.Schema) -> beam.PCollection:
-        labels = TrainingLabels(CategoryTree.from_records(self._tree_records))
         return (
             rows
             | f"BatchRows[{name}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
-            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, labels)
+            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels)
         )
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Dict[str, beam.PCollection]:
@@ -385,7 +385,7 @@ class TransformSplits(beam.PTransform):
         from tensorflow_transform.tf_metadata import schema_utils
         from tfx_bsl.public import tfxio
 
-        raw_schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(self._cfg, len(self._tree_records)))
+        raw_schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(self._cfg, self._num_categories))
         source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
         arrow_schema = source.ArrowSchema()
         adapter = source.TensorAdapterConfig()

@@ -66,8 +66,6 @@ class TransformedSplit:
 
         if not self.extra:
             return tf.gather(self.records, index)
-        if not self.own:
-            return tf.gather(self.extra_records, index)
         own = tf.gather(self.records, tf.minimum(index, self.own - 1))
         extra = tf.gather(self.extra_records, tf.maximum(index - self.own, 0))
         return tf.where(index < self.own, own, extra)
