@@ -22,6 +22,7 @@ IMAGE_RUNTIMES = ("onnxruntime", "torch")
 DERIVATIONS = ("brand_from_title",)
 TOKENISERS = ("words", "char_ngrams")
 THRESHOLD_LABELS = ("rules", "golden")
+MAX_PAGE_SIZE = 10000  # Elasticsearch's default index.max_result_window caps a search's size
 UPDATE_KINDS = ("predictions", "neighbours")  # what a run writes back into Elasticsearch
 
 
@@ -189,6 +190,14 @@ class Neighbours:
 
 
 @dataclasses.dataclass(frozen=True)
+class Dump:
+    """How the dump reads the products index: point in time + ``search_after`` pages."""
+
+    page_size: int = 10000
+    slices: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Publish:
     queue: str = "prodcat.updates"
     dead_letter_queue: str = "prodcat.updates.dead"
@@ -231,6 +240,7 @@ class FeatureConfig:
     fewshot: Fewshot = Fewshot()
     review: Review = Review()
     neighbours: Neighbours = Neighbours()
+    dump: Dump = Dump()
     publish: Publish = Publish()
     validation: Validation = Validation()
 
@@ -341,6 +351,8 @@ def _validate(cfg: FeatureConfig) -> None:
         (cfg.fewshot.probe_c > 0, "fewshot.probe_c: must be > 0"),
         (cfg.review.max_per_run >= 0 and cfg.review.per_category >= 0, "review: max_per_run and per_category must be >= 0"),
         (cfg.validation.on_anomaly in ("fail", "warn"), "validation.on_anomaly: must be one of ['fail', 'warn']"),
+        (1 <= cfg.dump.page_size <= MAX_PAGE_SIZE, f"dump.page_size: must be in [1, {MAX_PAGE_SIZE}] (index.max_result_window)"),
+        (cfg.dump.slices >= 1, "dump.slices: must be >= 1"),
         (set(cfg.publish.skip_unchanged) <= set(UPDATE_KINDS), f"publish.skip_unchanged: kinds must be among {list(UPDATE_KINDS)}"),
     ]
     checks += [(False, message) for inp in cfg.inputs for message in inp.problems()]
@@ -367,6 +379,7 @@ def parse_config(raw: Any) -> FeatureConfig:
         "fewshot": Fewshot,
         "review": Review,
         "neighbours": Neighbours,
+        "dump": Dump,
         "publish": Publish,
         "validation": Validation,
     }

@@ -43,7 +43,6 @@ class RunSettings:
     limit: Optional[int] = None
     categories: Tuple[str, ...] = ()
     force_publish: bool = False
-    dump_slices: int = 2
     dag_id: str = "prodcat_categorise"
 
     @property
@@ -74,7 +73,8 @@ def dump(s: RunSettings) -> str:
         s.categories_index,
         out,
         product_fields(cfg),
-        slices=s.dump_slices,
+        slices=cfg.dump.slices,
+        page_size=cfg.dump.page_size,
         limit=s.limit,
         query=product_query(cfg.labels.rule_field, s.categories),
     )

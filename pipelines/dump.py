@@ -85,8 +85,8 @@ def dump_products(
     categories_index: str,
     out_dir: str,
     fields: Sequence[str],
-    slices: int = 2,
-    page_size: int = 1000,
+    slices: int = 1,
+    page_size: int = 10000,
     limit: Optional[int] = None,
     query: Optional[dict] = None,
 ) -> dict:
@@ -97,6 +97,8 @@ def dump_products(
     """
     query = query or {"match_all": {}}
     per_slice = None if limit is None else -(-limit // slices)
+    if per_slice is not None:
+        page_size = min(page_size, per_slice)
     pit = es.open_point_in_time(index=products_index, keep_alive="5m")["id"]
     try:
         with storage.atomic_stage(out_dir) as tmp:

@@ -43,7 +43,7 @@ def test_unknown_key_names_the_allowed_ones(raw):
 
 def test_unknown_top_level_section_rejected(raw):
     raw["trainer"] = {}
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trainer'\]; allowed: \['embedding', 'fewshot', 'inputs', 'labels'"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trainer'\]; allowed: \['dump', 'embedding', 'fewshot', 'inputs', 'labels'"):
         parse_config(raw)
 
 
@@ -51,6 +51,8 @@ def test_unknown_top_level_section_rejected(raw):
     "mutate, message",
     [
         (lambda r: r.update(version=2), r"version: must be one of \[1\]"),
+        (lambda r: r["dump"].update(page_size=20000), r"dump.page_size: must be in \[1, 10000\]"),
+        (lambda r: r["dump"].update(slices=0), "dump.slices: must be >= 1"),
         (lambda r: r["model"].update(type="xgboost"), "model.type: must be one of"),
         (lambda r: r["inputs"][0].update(kind="audio"), r"inputs\[0\].kind: must be one of"),
         (lambda r: r["inputs"][0].update(vocab_size="many"), r"inputs\[0\].vocab_size: expected a number"),
