@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -301,17 +301,27 @@ def encode_transformed(batch: pa.RecordBatch, _passthrough: Any = None) -> List[
 
 
 def raw_record_batch(
-    rows: Sequence[Dict[str, Any]], cfg: FeatureConfig, schema: pa.Schema, training_labels: TrainingLabels
+    rows: Sequence[Dict[str, Any]],
+    cfg: FeatureConfig,
+    schema: pa.Schema,
+    training_labels: TrainingLabels,
+    columns: Optional[AbstractSet[str]] = None,
 ) -> pa.RecordBatch:
     """Clean rows -> one record batch of their raw examples (:func:`to_raw_example`, and the
     training labels of their human categories where they have any, else of their rule
     categories) in ``schema``, the large-list columns TFXIO decodes ``tf.Example``s into; numeric
-    values go in by the array, not one Python value at a time."""
+    values go in by the array, not one Python value at a time. Only ``columns`` (all if None) are
+    filled; the others are null in every row."""
     examples = [to_raw_example(r, cfg) for r in rows]
-    categories = [r.get(HUMAN_CATEGORIES) or r.get(RULE_CATEGORIES) or [] for r in rows]
-    matrices = dict(zip((features.LABELS, features.LABEL_MASK), training_labels(categories)))
-    columns = []
+    matrices: Dict[str, np.ndarray] = {}
+    if columns is None or {features.LABELS, features.LABEL_MASK} & set(columns):
+        categories = [r.get(HUMAN_CATEGORIES) or r.get(RULE_CATEGORIES) or [] for r in rows]
+        matrices = dict(zip((features.LABELS, features.LABEL_MASK), training_labels(categories)))
+    arrays = []
     for field in schema:
+        if columns is not None and field.name not in columns:
+            arrays.append(pa.nulls(len(rows), field.type))
+            continue
         if field.name in matrices:
             lengths = [matrices[field.name].shape[1]] * len(rows)
             values = pa.array(matrices[field.name].reshape(-1), field.type.value_type)
@@ -320,12 +330,35 @@ def raw_record_batch(
             lengths = [len(v) for v in per_row]
             values = pa.array([v.encode() if isinstance(v, str) else v for vs in per_row for v in vs], field.type.value_type)
         else:
-            arrays = [np.asarray(e[field.name]).reshape(-1) for e in examples]
-            lengths = [len(a) for a in arrays]
-            values = pa.array(np.concatenate(arrays) if arrays else [], field.type.value_type)
+            numeric = [np.asarray(e[field.name]).reshape(-1) for e in examples]
+            lengths = [len(a) for a in numeric]
+            values = pa.array(np.concatenate(numeric) if numeric else [], field.type.value_type)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64())
-        columns.append(pa.LargeListArray.from_arrays(offsets, values))
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
+        arrays.append(pa.LargeListArray.from_arrays(offsets, values))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def analysis_adapter(adapter: Any, analysed: AbstractSet[str]) -> Any:
+    """TFXIO's ``adapter`` (a TensorAdapterConfig) with every dense feature outside ``analysed`` read
+    as zeros where its column is null. The analysis is fed null there: its analyzers never read
+    those features, and TF Transform holds the analysed rows between its two phases (the
+    vocabularies, then TF-IDF), which would otherwise be mostly 1,280-float image inputs."""
+    from tfx_bsl.tfxio import tensor_adapter
+
+    representations = {}
+    for name, representation in adapter.tensor_representations.items():
+        if name not in analysed and representation.WhichOneof("kind") == "dense_tensor":
+            representation = type(representation).FromString(representation.SerializeToString())
+            value_type = adapter.arrow_schema.field(name).type.value_type
+            default = representation.dense_tensor.default_value
+            if pa.types.is_floating(value_type):
+                default.float_value = 0.0
+            elif pa.types.is_integer(value_type):
+                default.int_value = 0
+            else:
+                default.bytes_value = b""
+        representations[name] = representation
+    return tensor_adapter.TensorAdapterConfig(adapter.arrow_schema, representations)
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -372,31 +405,36 @@ class TransformSplits(beam.PTransform):
         self._clean_pattern = clean_pattern
         self._out_dir = out_dir
 
-    def _record_batches(self, rows: beam.PCollection, name: str, arrow_schema: pa.Schema) -> beam.PCollection:
+    def _record_batches(
+        self, rows: beam.PCollection, name: str, arrow_schema: pa.Schema, columns: Optional[AbstractSet[str]] = None
+    ) -> beam.PCollection:
         return (
             rows
             | f"BatchRows[{name}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
-            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels)
+            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels, columns)
         )
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Dict[str, beam.PCollection]:
         """Returns the names of the transformed files written, by split."""
+        import tensorflow_transform as tft
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import schema_utils
         from tfx_bsl.public import tfxio
+        from tfx_bsl.tfxio import tensor_adapter
 
         raw_schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(self._cfg, self._num_categories))
         source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["prodcat"], schema=raw_schema)
         arrow_schema = source.ArrowSchema()
         adapter = source.TensorAdapterConfig()
+        preprocessing_fn = features.make_preprocessing_fn(self._cfg)
+        analysed = frozenset(tft.get_analyze_input_columns(preprocessing_fn, tensor_adapter.TensorAdapter(adapter).TypeSpecs()))
         train = (
             pbegin
             | "ReadCleanForAnalysis" >> beam.io.ReadFromParquet(self._clean_pattern)
             | "KeepTrain" >> beam.Filter(lambda r: r["split"] == "train")
         )
-        transform_fn = (self._record_batches(train, "analysis", arrow_schema), adapter) | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(
-            features.make_preprocessing_fn(self._cfg)
-        )
+        analysis_input = (self._record_batches(train, "analysis", arrow_schema, analysed), analysis_adapter(adapter, analysed))
+        transform_fn = analysis_input | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(preprocessing_fn)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
         by_split = (
             pbegin

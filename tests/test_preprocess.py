@@ -27,6 +27,7 @@ from pipelines.preprocess import (
     ValidateProduct,
     WriteCleanParquet,
     WriteDeadLetters,
+    analysis_adapter,
     preprocess,
     raw_record_batch,
     split_of,
@@ -325,3 +326,33 @@ def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):
         if isinstance(a, tf.SparseTensor):
             a, b = tf.sparse.to_dense(a), tf.sparse.to_dense(b)
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+
+def test_the_analysis_is_fed_only_the_columns_its_analyzers_read_and_tfxio_reads_the_rest_as_zeros(cfg):
+    import tensorflow_transform as tft
+    from tensorflow_transform.tf_metadata import schema_utils
+    from tfx_bsl.public import tfxio
+    from tfx_bsl.tfxio import tensor_adapter
+
+    from core import features
+
+    schema = schema_utils.schema_from_feature_spec(features.raw_feature_spec(cfg, len(TREE)))
+    source = tfxio.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["test"], schema=schema)
+    adapter = source.TensorAdapterConfig()
+    type_specs = tensor_adapter.TensorAdapter(adapter).TypeSpecs()
+    analysed = frozenset(tft.get_analyze_input_columns(features.make_preprocessing_fn(cfg), type_specs))
+    assert analysed == {"title", "gender", "base_colour", "season", "usage"}  # no image, no labels
+    rows = [{**doc("1"), "image_embedding": np.ones(1280).tolist(), "has_image": 1, "rule_categories": ["Footwear"]}]
+    full = raw_record_batch(rows, cfg, source.ArrowSchema(), TrainingLabels(TREE))
+    part = raw_record_batch(rows, cfg, source.ArrowSchema(), TrainingLabels(TREE), analysed)
+    for name in source.ArrowSchema().names:
+        if name in analysed:
+            assert part.column(name).equals(full.column(name)), name
+        else:
+            assert part.column(name).null_count == 1, name
+    tensors = tensor_adapter.TensorAdapter(analysis_adapter(adapter, analysed)).ToBatchTensors(part)
+    assert tensor_adapter.TensorAdapter(analysis_adapter(adapter, analysed)).TypeSpecs() == type_specs
+    np.testing.assert_array_equal(tensors["image"].numpy(), np.zeros((1, 1280), np.float32))
+    np.testing.assert_array_equal(tensors["has_image"].numpy(), [0])
+    np.testing.assert_array_equal(tensors[features.LABELS].numpy(), np.zeros((1, len(TREE)), np.float32))
+    assert tensors["title"].numpy().tolist() == [b"Puma Men Blue Tshirt"]
