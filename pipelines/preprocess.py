@@ -388,6 +388,27 @@ class WriteCleanParquet(beam.PTransform):
         )
 
 
+class ToRows(beam.DoFn):
+    """A Parquet row group (a ``pyarrow.Table``) -> its rows as dicts. A list-of-floats column (the
+    image embedding) comes as numpy views of the column, not as Python lists of floats that
+    the raw examples turn back into arrays."""
+
+    def process(self, table: pa.Table) -> Iterator[Dict[str, Any]]:
+        table = table.combine_chunks()
+        columns = {}
+        for name, column in zip(table.column_names, table.columns):
+            array = column.chunk(0) if column.num_chunks else pa.array([], column.type)
+            if pa.types.is_list(array.type) and pa.types.is_floating(array.type.value_type):
+                values = array.values.to_numpy(zero_copy_only=False)
+                offsets = array.offsets.to_numpy()
+                valid = array.is_valid().to_numpy(zero_copy_only=False)
+                columns[name] = [values[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(array))]
+            else:
+                columns[name] = array.to_pylist()
+        for i in range(table.num_rows):
+            yield {name: values[i] for name, values in columns.items()}
+
+
 class TransformSplits(beam.PTransform):
     """Clean Parquet files (``clean_pattern``) -> raw tf.Examples per split -> TF Transform analysed
     on the train split only -> ``<out_dir>/transform_fn/`` and
@@ -430,7 +451,8 @@ class TransformSplits(beam.PTransform):
         analysed = frozenset(tft.get_analyze_input_columns(preprocessing_fn, tensor_adapter.TensorAdapter(adapter).TypeSpecs()))
         train = (
             pbegin
-            | "ReadCleanForAnalysis" >> beam.io.ReadFromParquet(self._clean_pattern)
+            | "ReadCleanForAnalysis" >> beam.io.ReadFromParquetBatched(self._clean_pattern)
+            | "ToRowsForAnalysis" >> beam.ParDo(ToRows())
             | "KeepTrain" >> beam.Filter(lambda r: r["split"] == "train")
         )
         analysis_input = (self._record_batches(train, "analysis", arrow_schema, analysed), analysis_adapter(adapter, analysed))
@@ -438,7 +460,8 @@ class TransformSplits(beam.PTransform):
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
         by_split = (
             pbegin
-            | "ReadCleanForTransform" >> beam.io.ReadFromParquet(self._clean_pattern)
+            | "ReadCleanForTransform" >> beam.io.ReadFromParquetBatched(self._clean_pattern)
+            | "ToRowsForTransform" >> beam.ParDo(ToRows())
             | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
         )
         written = {}

@@ -22,6 +22,7 @@ from core.config import load_config, parse_config
 from core.taxonomy import CategoryTree
 from pipelines.preprocess import (
     DEAD,
+    ToRows,
     TrainingLabels,
     TransformSplits,
     ValidateProduct,
@@ -356,3 +357,22 @@ def test_the_analysis_is_fed_only_the_columns_its_analyzers_read_and_tfxio_reads
     np.testing.assert_array_equal(tensors["has_image"].numpy(), [0])
     np.testing.assert_array_equal(tensors[features.LABELS].numpy(), np.zeros((1, len(TREE)), np.float32))
     assert tensors["title"].numpy().tolist() == [b"Puma Men Blue Tshirt"]
+
+
+def _as_list(embedding):
+    return None if embedding is None else embedding.tolist()
+
+
+def test_parquet_row_groups_become_the_rows_read_from_parquet_gives_with_embeddings_as_float32_arrays(tmp_path):
+    schema = pa.schema([("id", pa.string()), ("rule_categories", pa.list_(pa.string())), ("image_embedding", pa.list_(pa.float32()))])
+    columns = {"id": ["1", "2", "3"], "rule_categories": [["A"], [], None], "image_embedding": [[0.5, 1.5], None, [2.0, 0.25]]}
+    pq.write_table(pa.table(columns, schema), tmp_path / "clean.parquet", row_group_size=2)
+    with test_pipeline.TestPipeline() as p:
+        expected = p | "Read" >> beam.io.ReadFromParquet(str(tmp_path / "clean.parquet"))
+        rows = p | "ReadBatched" >> beam.io.ReadFromParquetBatched(str(tmp_path / "clean.parquet")) | beam.ParDo(ToRows())
+        embeddings = rows | "Embeddings" >> beam.Map(lambda r: r["image_embedding"])
+        as_lists = rows | "AsLists" >> beam.Map(lambda r: {**r, "image_embedding": _as_list(r["image_embedding"])})
+        assert_that(as_lists, equal_to([{k: v[i] for k, v in columns.items()} for i in range(3)]), label="Rows")
+        assert_that(expected, equal_to([{k: v[i] for k, v in columns.items()} for i in range(3)]), label="ReadFromParquet")
+        dtypes = embeddings | "Dtypes" >> beam.Map(lambda e: None if e is None else (type(e).__name__, str(e.dtype)))
+        assert_that(dtypes, equal_to([("ndarray", "float32"), None, ("ndarray", "float32")]), label="AreArrays")
