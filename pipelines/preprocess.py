@@ -314,7 +314,7 @@ def raw_record_batch(
     filled; the others are null in every row."""
     examples = [to_raw_example(r, cfg) for r in rows]
     matrices: Dict[str, np.ndarray] = {}
-    if columns is None or {features.LABELS, features.LABEL_MASK} & set(columns):
+    if columns is None or {features.LABELS, features.LABEL_MASK} & columns:
         categories = [r.get(HUMAN_CATEGORIES) or r.get(RULE_CATEGORIES) or [] for r in rows]
         matrices = dict(zip((features.LABELS, features.LABEL_MASK), training_labels(categories)))
     arrays = []
@@ -435,6 +435,13 @@ class TransformSplits(beam.PTransform):
             | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels, columns)
         )
 
+    def _clean_rows(self, pbegin: beam.pvalue.PBegin, purpose: str) -> beam.PCollection:
+        return (
+            pbegin
+            | f"ReadCleanFor{purpose}" >> beam.io.ReadFromParquetBatched(self._clean_pattern)
+            | f"ToRowsFor{purpose}" >> beam.ParDo(ToRows())
+        )
+
     def expand(self, pbegin: beam.pvalue.PBegin) -> Dict[str, beam.PCollection]:
         """Returns the names of the transformed files written, by split."""
         import tensorflow_transform as tft
@@ -449,20 +456,12 @@ class TransformSplits(beam.PTransform):
         adapter = source.TensorAdapterConfig()
         preprocessing_fn = features.make_preprocessing_fn(self._cfg)
         analysed = frozenset(tft.get_analyze_input_columns(preprocessing_fn, tensor_adapter.TensorAdapter(adapter).TypeSpecs()))
-        train = (
-            pbegin
-            | "ReadCleanForAnalysis" >> beam.io.ReadFromParquetBatched(self._clean_pattern)
-            | "ToRowsForAnalysis" >> beam.ParDo(ToRows())
-            | "KeepTrain" >> beam.Filter(lambda r: r["split"] == "train")
-        )
+        train = self._clean_rows(pbegin, "Analysis") | "KeepTrain" >> beam.Filter(lambda r: r["split"] == "train")
         analysis_input = (self._record_batches(train, "analysis", arrow_schema, analysed), analysis_adapter(adapter, analysed))
         transform_fn = analysis_input | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(preprocessing_fn)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
-        by_split = (
-            pbegin
-            | "ReadCleanForTransform" >> beam.io.ReadFromParquetBatched(self._clean_pattern)
-            | "ToRowsForTransform" >> beam.ParDo(ToRows())
-            | "PartitionBySplit" >> beam.Partition(lambda r, _: SPLITS.index(r["split"]), len(SPLITS))
+        by_split = self._clean_rows(pbegin, "Transform") | "PartitionBySplit" >> beam.Partition(
+            lambda r, _: SPLITS.index(r["split"]), len(SPLITS)
         )
         written = {}
         for i, name in enumerate(SPLITS):
