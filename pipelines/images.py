@@ -163,6 +163,20 @@ def load_encoder(image: ImageInput) -> Any:
     return encoder
 
 
+class LazyEncoder:
+    """The encoder, loaded at its first batch: RunInference loads its model in setup, even in a run
+    where the cache serves every image (torch's import and the ONNX export: about 2 s)."""
+
+    def __init__(self, image: ImageInput):
+        self._image = image
+        self._encoder: Optional[EfficientNetLite0Encoder] = None
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if self._encoder is None:
+            self._encoder = load_encoder(self._image)
+        return self._encoder.embed(images)
+
+
 class ImageEncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     """Beam RunInference handler: batches of decoded images -> embeddings."""
 
@@ -173,7 +187,7 @@ class ImageEncoderModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         self._progress = EmbeddingProgress(progress_every_s)
 
     def load_model(self) -> Any:
-        return load_encoder(self._image)
+        return LazyEncoder(self._image)
 
     def run_inference(self, batch: Sequence[np.ndarray], model: Any, inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
         started = time.monotonic()

@@ -20,6 +20,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from core import storage
 from core.config import load_config, parse_config
 from core.taxonomy import CategoryTree
+from pipelines import images
 from pipelines.preprocess import (
     DEAD,
     ToRows,
@@ -179,7 +180,7 @@ def read_transformed(folder):
     return {bytes(r.numpy()) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")}
 
 
-def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_path, image_server, hanging_url, fashion_slice):
+def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_path, image_server, hanging_url, fashion_slice, monkeypatch):
     tree = CategoryTree.load_json(str(REPO / "data" / "fashion_categories.json"))
     image_ids = sorted(p.stem for p in (fashion_slice / "images").glob("*.jpg"))[:6]
     broken = tmp_path / "broken.jpg"
@@ -218,7 +219,18 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
         "no_image_url",
     }
 
+    def clean_ids(run: str, part: str) -> set:
+        return {r["id"] for r in pq.read_table(glob.glob(str(tmp_path / run / f"clean/clean-{part}-*.parquet"))).to_pylist()}
+
+    assert clean_ids("pre1", "embedded") == set(image_ids)
+    assert clean_ids("pre1", "ready") == {"d404", "dbroken", "dhang", "dnone"}
+
+    def no_encoder(image):
+        raise AssertionError("the encoder was loaded in a run where the cache serves every image")
+
+    monkeypatch.setattr(images, "load_encoder", no_encoder)
     second = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre2"), cache, ["--runner=DirectRunner"])
+    assert clean_ids("pre2", "embedded") == set() and clean_ids("pre2", "ready") == set(by_id)
     assert second["counters"]["image_cache_hits"] == 6 and "image_cache_misses" not in second["counters"]
     assert read_transformed(tmp_path / "pre1") == read_transformed(tmp_path / "pre2")
     for name in ("title", "brand", "gender"):
