@@ -25,7 +25,7 @@ from trainer.model import (
     masked_sparse_crossentropy,
     proxy_crossentropy,
 )
-from trainer.train import TransformedSplit, choose_thresholds, make_dataset, pseudo_labels, with_examples
+from trainer.train import TransformedSplit, choose_thresholds, make_dataset, pseudo_labels, read_split, with_examples
 
 from conftest import REPO
 
@@ -128,6 +128,34 @@ def test_extra_examples_are_always_trained_on_and_never_scored_or_relabelled(cfg
     assert [x for x, _ in rows(only_labelled=False, with_extra=False)] == [0, 1, 2]
     relabelled = rows(only_labelled=True, targets=np.asarray([[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]], np.float32))
     assert relabelled == [(0, [1, 0, 1, 1]), (1, [1, 1, 1, 1]), (10, [0, 0, 1, 1]), (11, [0, 0, 1, 1])]
+
+
+def test_an_all_zero_image_stays_out_of_its_record_in_memory_and_is_parsed_back_as_zeros(cfg, tmp_path):
+    from types import SimpleNamespace
+
+    spec = {"x": tf.io.FixedLenFeature([1], tf.float32), "image": tf.io.FixedLenFeature([3], tf.float32)}
+    spec.update({k: tf.io.FixedLenFeature([2], tf.float32) for k in ("labels", "label_mask")})
+
+    def example(x, image):
+        values = {"x": [x], "image": image, "labels": [1.0, 0.0], "label_mask": [1.0, 1.0]}
+        feature = {k: tf.train.Feature(float_list=tf.train.FloatList(value=v)) for k, v in values.items()}
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    images = [[0.0, 0.0, 0.0], [0.5, 0.0, -1.0], [0.0, 0.0, 0.0]]
+    (tmp_path / "transformed").mkdir()
+    with tf.io.TFRecordWriter(str(tmp_path / "transformed/train-00000-of-00001.tfrecord.gz"), options="GZIP") as writer:
+        for x, image in enumerate(images):
+            writer.write(example(float(x), image))
+    tft_output = SimpleNamespace(transformed_feature_spec=lambda: spec)
+
+    split = read_split(tft_output, str(tmp_path), "train")
+    kept = [set(tf.train.Example.FromString(r).features.feature) for r in split.records.numpy()]
+    assert kept == [{"x", "labels", "label_mask"}, {"x", "image", "labels", "label_mask"}, {"x", "labels", "label_mask"}]
+    assert split.targets.tolist() == [[1, 0, 1, 1]] * 3
+    no_attributes = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, attributes=()))
+    ((batch, _),) = make_dataset(no_attributes, tft_output, split, 8, False, only_labelled=False)
+    np.testing.assert_array_equal(batch["image"].numpy(), np.asarray(images, np.float32))
+    np.testing.assert_array_equal(batch["x"].numpy()[:, 0], [0.0, 1.0, 2.0])
 
 
 def test_attribute_head_loss_is_zero_where_label_missing():

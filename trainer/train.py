@@ -71,21 +71,75 @@ class TransformedSplit:
         return tf.where(index < self.own, own, extra)
 
 
+def zero_vector_features(spec: Dict[str, Any]) -> List[str]:
+    """The wide dense float features of a transformed feature spec, labels excepted (the image
+    embedding): :func:`read_split` leaves one out of a record where it is all zeros."""
+    import tensorflow as tf
+
+    return sorted(
+        k
+        for k, v in spec.items()
+        if k not in (features.LABELS, features.LABEL_MASK)
+        and isinstance(v, tf.io.FixedLenFeature)
+        and v.dtype == tf.float32
+        and len(v.shape) == 1
+        and v.shape[0] > 1
+    )
+
+
+def in_memory_spec(tft_output) -> Dict[str, Any]:
+    """The transformed feature spec that the records in memory are parsed with: a feature of
+    :func:`zero_vector_features` defaults to zeros, as :func:`read_split` may have left it out."""
+    import tensorflow as tf
+
+    spec = dict(tft_output.transformed_feature_spec())
+    for key in zero_vector_features(spec):
+        shape, dtype = spec[key].shape, spec[key].dtype
+        spec[key] = tf.io.FixedLenFeature(shape, dtype, default_value=np.zeros(shape, dtype.as_numpy_dtype))
+    return spec
+
+
+def without_zero_vectors(records, zero: Dict[str, np.ndarray]):
+    """``records`` (a batch of serialized examples) where each feature of ``zero`` is left out of the
+    records it marks: the image of a product without a photo is 5 KB of zeros, 79% of the catalogue."""
+    import tensorflow as tf
+    from tensorflow.core.example.example_pb2 import Example
+
+    if not any(marks.any() for marks in zero.values()):
+        return records
+    out = []
+    for i, record in enumerate(records.numpy()):
+        dropped = [key for key, marks in zero.items() if marks[i]]
+        if dropped:
+            example = Example.FromString(record)
+            for key in dropped:
+                del example.features.feature[key]
+            record = example.SerializeToString()
+        out.append(record)
+    return tf.constant(out)
+
+
 def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
     """Reads ``split``'s transformed TFRecords once: every fit and scoring pass of a training
-    run reuses them instead of decompressing the files again."""
+    run reuses them instead of decompressing the files again. An all-zero image stays out of
+    its record (:func:`without_zero_vectors`); :func:`in_memory_spec` parses it back as zeros."""
     import tensorflow as tf
 
     files = transformed_files(preprocess_dir, split)
-    spec = {k: v for k, v in tft_output.transformed_feature_spec().items() if k in (features.LABELS, features.LABEL_MASK)}
+    full = tft_output.transformed_feature_spec()
+    vectors = zero_vector_features(full)
+    spec = {k: full[k] for k in (features.LABELS, features.LABEL_MASK, *vectors)}
     width = 2 * spec[features.LABELS].shape[0]
-    batches = list(tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096))
-    records = tf.concat(batches, axis=0) if batches else tf.constant([], tf.string)
-    targets = [
-        tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1).numpy().astype(np.uint8)
-        for ex in (tf.io.parse_example(b, spec) for b in batches)
-    ]
-    return TransformedSplit(tuple(files), records, np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.uint8))
+    records, targets = [], []
+    for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096):
+        ex = tf.io.parse_example(batch, spec)
+        targets.append(tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1).numpy().astype(np.uint8))
+        records.append(without_zero_vectors(batch, {key: ~ex[key].numpy().any(axis=1) for key in vectors}))
+    return TransformedSplit(
+        tuple(files),
+        tf.concat(records, axis=0) if records else tf.constant([], tf.string),
+        np.concatenate(targets) if targets else np.zeros((0, width), dtype=np.uint8),
+    )
 
 
 def with_examples(split: TransformedSplit, serialized: List[bytes], targets: np.ndarray) -> TransformedSplit:
@@ -123,7 +177,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    spec = tft_output.transformed_feature_spec()
+    spec = in_memory_spec(tft_output)
     if targets is None:
         targets = split.targets
     else:
