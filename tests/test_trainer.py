@@ -292,6 +292,11 @@ def test_pseudo_labels_fill_only_what_rules_left_open_and_agree_with_them():
     assert new_masks[1].all() and new_masks[2].all()
     np.testing.assert_array_equal(new_labels[3], labels[3])
     np.testing.assert_array_equal(new_masks[3], masks[3])
+    assert targets.dtype == np.uint8
+    for chunk_rows in (1, 3):  # a chunk boundary inside the four examples
+        chunked, chunked_added = pseudo_labels(scores, labels, masks, TREE, 0.9, chunk_rows)
+        np.testing.assert_array_equal(chunked, targets)
+        assert chunked_added == added
 
 
 SYNTHETIC_WORDS = {"A > A1 > A1x": "alpha tee", "A > A1 > A1y": "alpha shirt", "A > A2 > A2x": "kilt", "B > B1 > B1x": "beta shoe"}
