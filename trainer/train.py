@@ -150,7 +150,7 @@ def with_examples(split: TransformedSplit, serialized: List[bytes], targets: np.
     return TransformedSplit(
         split.files,
         split.records,
-        np.concatenate([split.targets, targets.astype(np.uint8)]),
+        np.concatenate([split.targets, targets.astype(np.uint8, copy=False)]),
         tf.constant(serialized, tf.string),
     )
 
@@ -181,7 +181,7 @@ def make_dataset(
     if targets is None:
         targets = split.targets
     else:
-        targets = np.concatenate([targets.astype(np.uint8), split.targets[split.own :]])
+        targets = np.concatenate([targets.astype(np.uint8, copy=False), split.targets[split.own :]])
     keep = targets[:, : targets.shape[1] // 2].sum(axis=1) > 0 if only_labelled else np.ones(len(targets), dtype=bool)
     keep[split.own :] = with_extra
     kept = np.flatnonzero(keep)
