@@ -17,6 +17,7 @@ import shutil
 import uuid
 from typing import IO, Any, Iterator
 
+import orjson
 from apache_beam.io.filesystems import FileSystems
 
 SUCCESS = "_SUCCESS"
@@ -137,4 +138,4 @@ def read_json_lines(stage_dir: str, pattern: str) -> Iterator[Any]:
     for path in list_files(stage_dir, pattern):
         with open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
             for line in f:
-                yield json.loads(line)
+                yield orjson.loads(line)

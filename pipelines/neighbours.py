@@ -12,7 +12,6 @@ no neighbours and are never anyone's neighbour.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import apache_beam as beam
 import numpy as np
+import orjson
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -176,8 +176,10 @@ def search_group(
         searcher = brute_force_searcher(unit, k + 1)
         searcher.serialize(searcher_dir, relative_path=True)  # loadable wherever the folder is copied
     for rows, found, scores in neighbour_blocks(unit, k + 1, settings, searcher):
-        for me, idx, sc in zip(rows, found, scores):
-            pairs = [(ids[j], round(float(s), 5)) for j, s in zip(idx, sc) if j != me and np.isfinite(s)][:k]
+        # whole blocks to Python lists first: per-element numpy scalars took most of this loop
+        finite = np.isfinite(scores).tolist()
+        for me, idx, sc, ok in zip(rows.tolist(), found.tolist(), scores.tolist(), finite):
+            pairs = [(ids[j], round(s, 5)) for j, s, usable in zip(idx, sc, ok) if j != me and usable][:k]
             yield ids[me], pairs
 
 
@@ -289,7 +291,7 @@ class ReadKeyedPredictions(beam.PTransform):
         return (
             begin
             | "Read" >> beam.io.ReadFromText(storage.join(self._predict_dir, PREDICTIONS_FILE))
-            | "Parse" >> beam.Map(json.loads)
+            | "Parse" >> beam.Map(orjson.loads)
             | "KeyById" >> beam.Map(lambda r: (r["id"], r))
         )
 
@@ -336,7 +338,7 @@ class WriteNeighbours(beam.PTransform):
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         return (
             records
-            | "Encode" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+            | "Encode" >> beam.Map(lambda r: orjson.dumps(r, option=orjson.OPT_SORT_KEYS))
             | "Write" >> beam.io.WriteToText(self._prefix, ".jsonl.gz")
         )
 

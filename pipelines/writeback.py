@@ -166,13 +166,19 @@ def content_digest(content: Mapping[str, Any]) -> bytes:
 
 def unchanged_ids(target: Target) -> Set[str]:
     """Products whose document already holds exactly the content of the run's update (whichever run
-    wrote it). One scan of the index's update fields; digests, not values, are kept in memory."""
+    wrote it). One scan of the documents an update of this kind ever wrote (those with its version
+    field); the others hold none of its fields, so they hold what a blank update writes (no
+    neighbours for a product without a photo). Digests, not values, are kept in memory."""
     fields = content_fields(target.kind)
+    # Against scanning every document, on the stand-in with 35,528 products: 2.2 -> 1.1 s on a fresh
+    # index, 3.7 / 4.1 -> 2.4 / 2.5 s with 7,580 neighbour lists written (the rest is the run's file).
+    written = {"exists": {"field": target.version_field}}
     stored = {
         hit["_id"]: content_digest({f: hit.get("_source", {}).get(f) for f in fields})
-        for hit in helpers.scan(target.es, index=target.index, size=5000, query={"query": {"match_all": {}}, "_source": list(fields)})
+        for hit in helpers.scan(target.es, index=target.index, size=5000, query={"query": written, "_source": list(fields)})
     }
-    return {m["id"] for m in target.messages() if stored.get(m["id"]) == content_digest(document_content(m))}
+    blank = content_digest(dict.fromkeys(fields))
+    return {m["id"] for m in target.messages() if stored.get(m["id"], blank) == content_digest(document_content(m))}
 
 
 def ready_messages(rabbit: RabbitConnection, queue: str) -> int:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import queue as queue_module
 import zlib
 from collections import Counter
 from typing import Iterable, Iterator, List, Optional
 
+import orjson
 import pika
 import pika.exceptions
 import tenacity
@@ -106,7 +106,7 @@ def _publish_batch(channel, queue: str, batch: List[dict]) -> None:
     batch gives the same guarantee with one round trip per ``len(batch)`` messages."""
     properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json")
     for m in batch:
-        channel.basic_publish(exchange="", routing_key=queue, body=json.dumps(m, sort_keys=True).encode("utf-8"), properties=properties)
+        channel.basic_publish(exchange="", routing_key=queue, body=orjson.dumps(m, option=orjson.OPT_SORT_KEYS), properties=properties)
     channel.tx_commit()
 
 

@@ -216,6 +216,6 @@ def test_write_neighbours_writes_one_gzip_json_line_per_record(tmp_path):
         _ = p | beam.Create(records) | WriteNeighbours(str(tmp_path / "neighbours"))
     lines = [line for path in glob.glob(str(tmp_path / "neighbours-*.jsonl.gz")) for line in gzip.open(path, "rt").read().splitlines()]
     assert sorted(lines) == [
-        '{"group": "A > A1", "id": "a", "neighbours": [{"id": "b", "score": 0.8}]}',
-        '{"group": null, "id": "z", "neighbours": []}',
+        '{"group":"A > A1","id":"a","neighbours":[{"id":"b","score":0.8}]}',
+        '{"group":null,"id":"z","neighbours":[]}',
     ]

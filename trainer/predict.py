@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import logging
 from collections import Counter
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import orjson
 
 from core import storage
 from core.config import FeatureConfig
@@ -167,7 +167,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
                         "fewshot": fewshot_entry(matches, fewshot, i),
                         "attributes": attribute_predictions(model, outputs, i, attribute_names),
                     }
-                    f.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
+                    f.write(orjson.dumps(record, option=orjson.OPT_SORT_KEYS) + b"\n")
                     count += 1
                 embeddings = outputs[EMBEDDING].astype(np.float16)
                 dim = embeddings.shape[1]
@@ -175,7 +175,7 @@ def predict_all(cfg: FeatureConfig, model_dir: str, preprocess_dir: str, out_dir
         review_records = review.records()
         with storage.open_write(storage.join(tmp, REVIEW_FILE)) as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             for r in review_records:
-                f.write(json.dumps(r, sort_keys=True).encode("utf-8") + b"\n")
+                f.write(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) + b"\n")
         storage.write_json(storage.join(tmp, PROTOTYPES_FILE), prototypes.to_json())
         summary = {
             "products": count,

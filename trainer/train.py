@@ -334,12 +334,18 @@ def score_rows(serve: Callable[..., Dict[str, Any]], cfg: FeatureConfig, rows: S
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def score_examples(model, ds) -> np.ndarray:
-    """Category scores of every example of a :func:`make_dataset` dataset, in order."""
+def category_scorer(model) -> Callable[[Any], Any]:
+    """The model's category scores as one tf.function, so that every scoring pass of a training
+    (one per self-training round) reuses its traces instead of tracing the model again."""
     import tensorflow as tf
 
-    predict = tf.function(lambda x: model(x, training=False)[CATEGORIES], reduce_retracing=True)
-    scores = [predict(x).numpy() for x, _ in ds]
+    return tf.function(lambda x: model(x, training=False)[CATEGORIES], reduce_retracing=True)
+
+
+def score_examples(scorer: Callable[[Any], Any], ds) -> np.ndarray:
+    """Category scores (a :func:`category_scorer`) of every example of a :func:`make_dataset`
+    dataset, in order."""
+    scores = [scorer(x).numpy() for x, _ in ds]
     return np.concatenate(scores) if scores else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -398,7 +404,7 @@ def golden_set(cfg: FeatureConfig, preprocess_dir: str, tree: CategoryTree) -> T
 
 
 def eval_thresholds(
-    model,
+    scorer: Callable[[Any], Any],
     serve: Callable[..., Dict[str, Any]],
     cfg: FeatureConfig,
     eval_ds,
@@ -417,7 +423,7 @@ def eval_thresholds(
             rules = truth_matrix(tree, [[c for c in r.get(RULE_CATEGORIES) or [] if c in tree] for r in rows])
             scores = np.where(rules, np.float32(1.0), scores)
     else:
-        scores = score_examples(model, eval_ds)
+        scores = score_examples(scorer, eval_ds)
         labels, mask = np.split(np.concatenate([y[CATEGORIES].numpy() for _, y in eval_ds]), 2, axis=1)
         truth = labels > 0
     if len(scores) == 0:
@@ -516,12 +522,14 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
     started = time.perf_counter()
     history, fit_seconds = fit(model, train_ds, eval_ds, m.epochs, num_examples + null_count, "fit")
     serve = serving_function(model, tft_output, cfg)
+    scorer = category_scorer(model)
     train_examples = (num_examples + null_count) * len(history["loss"])
-    thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
+    thresholds, eval_metrics = eval_thresholds(scorer, serve, cfg, eval_ds, golden, tree)
     rounds = []
     for round_no in range(1, m.self_training_rounds + 1):
         in_order = make_dataset(cfg, tft_output, train_split, SCORING_BATCH, False, False, with_extra=False)
-        targets, added = pseudo_labels(score_examples(model, in_order), *np.split(rule_targets, 2, axis=1), tree, m.self_training_min_score)
+        scores = score_examples(scorer, in_order)
+        targets, added = pseudo_labels(scores, *np.split(rule_targets, 2, axis=1), tree, m.self_training_min_score)
         round_examples = int((targets[:, : len(tree)].sum(axis=1) > 0).sum()) if m.train_only_labelled else len(targets)
         round_ds = make_dataset(cfg, tft_output, train_split, m.batch_size, True, m.train_only_labelled, targets)
         round_history, round_seconds = fit(
@@ -535,7 +543,7 @@ def train(cfg: FeatureConfig, preprocess_dir: str, out_dir: str, model_version: 
         fit_seconds += round_seconds
         train_examples += (round_examples + null_count) * len(round_history["loss"])
         before = finest_micro_f1(eval_metrics)
-        thresholds, eval_metrics = eval_thresholds(model, serve, cfg, eval_ds, golden, tree)
+        thresholds, eval_metrics = eval_thresholds(scorer, serve, cfg, eval_ds, golden, tree)
         rounds.append(
             {
                 "round": round_no,
