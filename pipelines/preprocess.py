@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "prodcat.preprocess"
 SPLITS = ("train", "eval", "test")
+# The column that carries each row's split through TF Transform (a passthrough key, hidden from the
+# preprocessing_fn), so that one transform serves every split.
+SPLIT_COLUMN = "prodcat_split"
 DEAD = "dead"
 MAX_DEAD_RECORD_CHARS = 10_000
 
@@ -295,7 +298,7 @@ def to_raw_example(row: Dict[str, Any], cfg: FeatureConfig) -> Dict[str, Any]:
     return example
 
 
-def encode_transformed(batch: pa.RecordBatch, _passthrough: Any = None) -> List[bytes]:
+def encode_transformed(batch: pa.RecordBatch) -> List[bytes]:
     """TF Transform's output record batch -> serialized ``tf.Example``s: tfx_bsl's C++ encoder, then
     each re-serialized with its features in name order (the encoder's map order varies between
     runs; a rerun must write the same bytes)."""
@@ -303,6 +306,26 @@ def encode_transformed(batch: pa.RecordBatch, _passthrough: Any = None) -> List[
     from tfx_bsl.coders import example_coder
 
     return [Example.FromString(e).SerializeToString(deterministic=True) for e in example_coder.RecordBatchToExamples(batch)]
+
+
+def with_split_column(batch: pa.RecordBatch, rows: Sequence[Dict[str, Any]]) -> pa.RecordBatch:
+    """``batch`` of ``rows`` with their splits appended as :data:`SPLIT_COLUMN` (one value each)."""
+    splits = pa.array([r["split"].encode() for r in rows], pa.large_binary())
+    column = pa.LargeListArray.from_arrays(pa.array(np.arange(len(rows) + 1), pa.int64()), splits)
+    return pa.RecordBatch.from_arrays([*batch.columns, column], schema=batch.schema.append(pa.field(SPLIT_COLUMN, column.type)))
+
+
+class EncodeBySplit(beam.DoFn):
+    """TF Transform's output (a record batch with :data:`SPLIT_COLUMN`, passthrough data) -> each
+    row's serialized ``tf.Example`` (:func:`encode_transformed`, without the split) in the output
+    named by its split."""
+
+    def process(self, transformed: Tuple[pa.RecordBatch, Any]) -> Iterator[beam.pvalue.TaggedOutput]:
+        batch, _unary_passthrough = transformed
+        index = batch.schema.get_field_index(SPLIT_COLUMN)
+        splits = batch.column(index).flatten().to_pylist()
+        for split, example in zip(splits, encode_transformed(batch.remove_column(index))):
+            yield beam.pvalue.TaggedOutput(split.decode(), example)
 
 
 def raw_record_batch(
@@ -415,9 +438,9 @@ class ToRows(beam.DoFn):
 
 
 class TransformSplits(beam.PTransform):
-    """Clean Parquet files (``clean_pattern``) -> raw tf.Examples per split -> TF Transform analysed
-    on the train split only -> ``<out_dir>/transform_fn/`` and
-    ``<out_dir>/transformed/{train,eval,test}-*.tfrecord.gz``.
+    """Clean Parquet files (``clean_pattern``) -> raw examples as record batches -> TF Transform
+    analysed on the train split only, then one transform of every split (each row's split passed
+    through it) -> ``<out_dir>/transform_fn/`` and ``<out_dir>/transformed/{train,eval,test}-*.tfrecord.gz``.
 
     The analysis and the transform each read the files: one read feeding both would be held whole
     between them. Needs an enclosing ``tensorflow_transform.beam.Context`` (its temp dir).
@@ -438,6 +461,14 @@ class TransformSplits(beam.PTransform):
             rows
             | f"BatchRows[{name}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
             | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels, columns)
+        )
+
+    def _record_batches_with_split(self, rows: beam.PCollection, arrow_schema: pa.Schema) -> beam.PCollection:
+        return (
+            rows
+            | "BatchRows[transform]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
+            | "ToRecordBatches[transform]"
+            >> beam.Map(lambda batch: with_split_column(raw_record_batch(batch, self._cfg, arrow_schema, self._labels), batch))
         )
 
     def _clean_rows(self, pbegin: beam.pvalue.PBegin, purpose: str) -> beam.PCollection:
@@ -465,23 +496,23 @@ class TransformSplits(beam.PTransform):
         analysis_input = (self._record_batches(train, "analysis", arrow_schema, analysed), analysis_adapter(adapter, analysed))
         transform_fn = analysis_input | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(preprocessing_fn)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
-        by_split = self._clean_rows(pbegin, "Transform") | "PartitionBySplit" >> beam.Partition(
-            lambda r, _: SPLITS.index(r["split"]), len(SPLITS)
+        # One transform for every split, each row's split passed through it: one per split loaded
+        # the transform graph once each and tripled the transform's stages.
+        batches = self._record_batches_with_split(self._clean_rows(pbegin, "Transform"), arrow_schema)
+        with_split = tensor_adapter.TensorAdapterConfig(
+            arrow_schema.append(pa.field(SPLIT_COLUMN, pa.large_list(pa.large_binary()))), adapter.tensor_representations
         )
-        written = {}
-        for i, name in enumerate(SPLITS):
-            batches = self._record_batches(by_split[i], name, arrow_schema)
+        with tft_beam.Context(passthrough_keys={SPLIT_COLUMN}):
             # Record batches out, encoded by tfx_bsl's C++ encoder: a dict and a Python proto
             # encode per example cost more than the transform itself.
-            transform = tft_beam.TransformDataset(output_record_batches=True)
-            data, _ = ((batches, adapter), transform_fn) | f"Transform[{name}]" >> transform
-            written[name] = (
-                data
-                | f"EncodeTransformed[{name}]" >> beam.FlatMapTuple(encode_transformed)
-                | f"WriteTransformed[{name}]"
-                >> beam.io.WriteToTFRecord(storage.join(self._out_dir, "transformed", name), file_name_suffix=".tfrecord.gz")
-            )
-        return written
+            data, _ = ((batches, with_split), transform_fn) | "Transform" >> tft_beam.TransformDataset(output_record_batches=True)
+        encoded = data | "EncodeTransformed" >> beam.ParDo(EncodeBySplit()).with_outputs(*SPLITS)
+        return {
+            name: encoded[name]
+            | f"WriteTransformed[{name}]"
+            >> beam.io.WriteToTFRecord(storage.join(self._out_dir, "transformed", name), file_name_suffix=".tfrecord.gz")
+            for name in SPLITS
+        }
 
 
 def preprocess(

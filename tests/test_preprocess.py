@@ -307,6 +307,10 @@ def test_transform_splits_reads_clean_parquet_analyses_the_train_split_only_and_
     assert transformed("train") == [([0, 1], 0), ([0, 2], 1)]
     assert transformed("eval") == [([2, 3], 2)]
     assert transformed("test") == [([3], 1)]
+    # the split rides through the one transform as a passthrough column, and stays out of the records
+    files = glob.glob(str(tmp_path / "transformed" / "*.tfrecord.gz"))
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    assert len(records) == 4 and all(set(r.features.feature) == set(spec) for r in records)
 
 
 def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):
