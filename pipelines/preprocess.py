@@ -50,6 +50,7 @@ SPLITS = ("train", "eval", "test")
 # The column that carries each row's split through TF Transform (a passthrough key, hidden from the
 # preprocessing_fn), so that one transform serves every split.
 SPLIT_COLUMN = "prodcat_split"
+SPLIT_FIELD = pa.field(SPLIT_COLUMN, pa.large_list(pa.large_binary()))
 DEAD = "dead"
 MAX_DEAD_RECORD_CHARS = 10_000
 
@@ -308,13 +309,6 @@ def encode_transformed(batch: pa.RecordBatch) -> List[bytes]:
     return [Example.FromString(e).SerializeToString(deterministic=True) for e in example_coder.RecordBatchToExamples(batch)]
 
 
-def with_split_column(batch: pa.RecordBatch, rows: Sequence[Dict[str, Any]]) -> pa.RecordBatch:
-    """``batch`` of ``rows`` with their splits appended as :data:`SPLIT_COLUMN` (one value each)."""
-    splits = pa.array([r["split"].encode() for r in rows], pa.large_binary())
-    column = pa.LargeListArray.from_arrays(pa.array(np.arange(len(rows) + 1), pa.int64()), splits)
-    return pa.RecordBatch.from_arrays([*batch.columns, column], schema=batch.schema.append(pa.field(SPLIT_COLUMN, column.type)))
-
-
 class EncodeBySplit(beam.DoFn):
     """TF Transform's output (a record batch with :data:`SPLIT_COLUMN`, passthrough data) -> each
     row's serialized ``tf.Example`` (:func:`encode_transformed`, without the split) in the output
@@ -334,12 +328,14 @@ def raw_record_batch(
     schema: pa.Schema,
     training_labels: TrainingLabels,
     columns: Optional[AbstractSet[str]] = None,
+    with_split: bool = False,
 ) -> pa.RecordBatch:
     """Clean rows -> one record batch of their raw examples (:func:`to_raw_example`, and the
     training labels of their human categories where they have any, else of their rule
     categories) in ``schema``, the large-list columns TFXIO decodes ``tf.Example``s into; numeric
     values go in by the array, not one Python value at a time. Only ``columns`` (all if None) are
-    filled; the others are null in every row."""
+    filled; the others are null in every row. ``with_split`` appends each row's split as
+    :data:`SPLIT_FIELD`."""
     examples = [to_raw_example(r, cfg) for r in rows]
     matrices: Dict[str, np.ndarray] = {}
     if columns is None or {features.LABELS, features.LABEL_MASK} & columns:
@@ -363,6 +359,10 @@ def raw_record_batch(
             values = pa.array(np.concatenate(numeric) if numeric else [], field.type.value_type)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64())
         arrays.append(pa.LargeListArray.from_arrays(offsets, values))
+    if with_split:
+        splits = pa.array([r["split"].encode() for r in rows], pa.large_binary())
+        arrays.append(pa.LargeListArray.from_arrays(pa.array(np.arange(len(rows) + 1), pa.int64()), splits))
+        schema = schema.append(SPLIT_FIELD)
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -455,20 +455,17 @@ class TransformSplits(beam.PTransform):
         self._out_dir = out_dir
 
     def _record_batches(
-        self, rows: beam.PCollection, name: str, arrow_schema: pa.Schema, columns: Optional[AbstractSet[str]] = None
+        self,
+        rows: beam.PCollection,
+        name: str,
+        arrow_schema: pa.Schema,
+        columns: Optional[AbstractSet[str]] = None,
+        with_split: bool = False,
     ) -> beam.PCollection:
         return (
             rows
             | f"BatchRows[{name}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
-            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels, columns)
-        )
-
-    def _record_batches_with_split(self, rows: beam.PCollection, arrow_schema: pa.Schema) -> beam.PCollection:
-        return (
-            rows
-            | "BatchRows[transform]" >> beam.BatchElements(min_batch_size=64, max_batch_size=1000)
-            | "ToRecordBatches[transform]"
-            >> beam.Map(lambda batch: with_split_column(raw_record_batch(batch, self._cfg, arrow_schema, self._labels), batch))
+            | f"ToRecordBatches[{name}]" >> beam.Map(raw_record_batch, self._cfg, arrow_schema, self._labels, columns, with_split)
         )
 
     def _clean_rows(self, pbegin: beam.pvalue.PBegin, purpose: str) -> beam.PCollection:
@@ -498,10 +495,8 @@ class TransformSplits(beam.PTransform):
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
         # One transform for every split, each row's split passed through it: one per split loaded
         # the transform graph once each and tripled the transform's stages.
-        batches = self._record_batches_with_split(self._clean_rows(pbegin, "Transform"), arrow_schema)
-        with_split = tensor_adapter.TensorAdapterConfig(
-            arrow_schema.append(pa.field(SPLIT_COLUMN, pa.large_list(pa.large_binary()))), adapter.tensor_representations
-        )
+        batches = self._record_batches(self._clean_rows(pbegin, "Transform"), "transform", arrow_schema, with_split=True)
+        with_split = tensor_adapter.TensorAdapterConfig(arrow_schema.append(SPLIT_FIELD), adapter.tensor_representations)
         with tft_beam.Context(passthrough_keys={SPLIT_COLUMN}):
             # Record batches out, encoded by tfx_bsl's C++ encoder: a dict and a Python proto
             # encode per example cost more than the transform itself.
