@@ -24,6 +24,7 @@ import yaml
 from elasticsearch import Elasticsearch, helpers
 
 from core import storage
+from core.config import Publish
 from pipelines.writeback import ReconcileState, Target, check, ready_messages, update_messages
 from services.consumer import DEAD_LETTER_INDEX
 from services.publish import RabbitConnection, declare_queues, message, publish_parallel
@@ -197,7 +198,7 @@ def run_chaos(
 
         state = ReconcileState(published=updates)
         while not state.finished:  # wait_indexed, checking every second
-            state = check(target, state, stall_checks=3, max_attempts=3)
+            state = check(target, state, stall_checks=3, max_attempts=3, now=time.time(), max_between_s=Publish().reconcile_count_max_s)
             time.sleep(1.0)
         reconciled_s = time.monotonic() - started
 

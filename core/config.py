@@ -209,6 +209,7 @@ class Publish:
     consumer_prefetch: int = 1500
     consumer_concurrency: int = 2
     reconcile_poke_s: float = 10.0
+    reconcile_count_max_s: float = 60.0
     reconcile_stall_pokes: int = 3
     reconcile_attempts: int = 3
     reconcile_timeout_s: float = 7200.0

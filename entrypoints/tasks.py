@@ -265,12 +265,11 @@ def check_indexed(s: RunSettings, publish_dir: str, attempt_key: str) -> Tuple[O
     )
     unchanged = frozenset(storage.read_json(storage.join(publish_dir, "unchanged_ids.json")))
     target = _target(s, summary["kind"], summary["source_dir"], unchanged, summary.get("publication"))
-    before, before_at = state.done, state.checked_at
-    state = check(target, state, p.reconcile_stall_pokes, p.reconcile_attempts)
-    state.checked_at = time.time()
+    now = time.time()
+    state = check(target, state, p.reconcile_stall_pokes, p.reconcile_attempts, now, p.reconcile_count_max_s)
     storage.write_json(state_path, state.to_json())
     if not state.finished:
-        return None, sooner_check_s(state, before, state.checked_at - before_at, p.reconcile_poke_s) if before_at else None
+        return None, sooner_check_s(state, now, p.reconcile_poke_s, p.reconcile_count_max_s)
     out = s.stage("indexed")
     with storage.atomic_stage(out) as tmp:
         storage.write_json(storage.join(tmp, "summary.json"), {"published": summary, **state.to_json()})

@@ -205,7 +205,8 @@ class ReconcileState:
 
     published: int
     done: int = -1
-    checked_at: float = 0.0  # seconds since the epoch; the entry point's clock, for the pace of the writes
+    checked_at: float = 0.0  # when Elasticsearch was last counted: seconds since the epoch, the entry point's clock
+    pace: float = 0.0  # updates/s written between the last two counts that saw progress (0: none yet)
     unchanged_checks: int = 0
     attempts: List[dict] = dataclasses.field(default_factory=list)
     finished: bool = False
@@ -219,10 +220,35 @@ class ReconcileState:
         return cls(**value)
 
 
-def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts: int) -> ReconcileState:
-    """One check: counts what arrived; once progress has stalled for ``stall_checks`` checks with the
-    queue empty, re-publishes what is missing (at most ``max_attempts`` times, then raises
-    :class:`NotWritten` with the ids). Sets ``finished`` when every update is written or dead-lettered."""
+def next_count_at(state: ReconcileState, max_between_s: float) -> float:
+    """When the next count in Elasticsearch is due: where the pace says the rest has arrived (1.2 times
+    that estimate plus 0.5 s), and at the latest ``max_between_s`` after the last count."""
+    latest = state.checked_at + max_between_s
+    if state.pace <= 0:
+        return latest
+    return min(latest, state.checked_at + 1.2 * (state.published - state.done) / state.pace + 0.5)
+
+
+def count_due(state: ReconcileState, waiting: int, now: float, max_between_s: float) -> bool:
+    """Whether a check counts in Elasticsearch. A count is a query over the whole index; on the
+    stand-in it takes about a second of the CPU that writes the updates, so two sensors counting every
+    few seconds halved its write rate (measured). A check therefore skips the count while messages
+    wait in the queue and the rest cannot have arrived: before the pace of the writes says it has or,
+    with no pace yet, while more messages wait than updates remain. Skipping never ends a wait; it can
+    only end one later, by at most ``max_between_s``."""
+    if state.done < 0 or waiting == 0 or now + 0.5 >= next_count_at(state, max_between_s):
+        return True
+    return state.pace <= 0 and waiting < state.published - state.done
+
+
+def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts: int, now: float, max_between_s: float) -> ReconcileState:
+    """One check at ``now`` (seconds since the epoch): counts what arrived where a count is due
+    (:func:`count_due`); once progress has stalled for ``stall_checks`` counts with the queue empty,
+    re-publishes what is missing (at most ``max_attempts`` times, then raises :class:`NotWritten` with
+    the ids). Sets ``finished`` when every update is written or dead-lettered."""
+    waiting = ready_messages(target.rabbit, target.queue)
+    if not count_due(state, waiting, now, max_between_s):
+        return state
     # A refresh costs the cluster (on the stand-in, seconds at 100k documents, while writes wait), so
     # a check refreshes only before it calls progress stalled. Counts without one can only be short
     # of the truth (a written update stays written, or a newer run's replaces it), so they may say
@@ -232,6 +258,11 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
     if done == state.done and done < state.published:
         state.counts = progress(target)
         done = state.counts["indexed"] + state.counts["dead_lettered"]
+    # A pace only from two counts with this kind's writes going on at the first: after a count that
+    # saw none (its messages queued behind others), the span would hold idle time and say too slow.
+    writing = state.done > 0 and state.unchanged_checks == 0 and done > state.done and now > state.checked_at
+    state.pace = (done - state.done) / (now - state.checked_at) if writing else 0.0
+    state.checked_at = now
     if done >= state.published:
         # Each sent update names a distinct product, so when as many documents carry the publication's
         # id none is missing; otherwise (a newer run overwrote some, some were dead-lettered) the counts
@@ -242,10 +273,9 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
             return state
     if done != state.done:
         state.done, state.unchanged_checks = done, 0
-        log.info("%s: %d of %d updates written or dead-lettered", target.kind, done, state.published)
+        log.info("%s: %d of %d updates written or dead-lettered; %d messages wait", target.kind, done, state.published, waiting)
         return state
     state.unchanged_checks += 1
-    waiting = ready_messages(target.rabbit, target.queue)
     if state.unchanged_checks < stall_checks or waiting:
         if waiting and state.unchanged_checks >= stall_checks:
             log.warning(
@@ -274,14 +304,13 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
     return state
 
 
-def sooner_check_s(state: ReconcileState, before: int, seconds: float, poke_s: float, min_s: float = 2.0) -> Optional[float]:
-    """When to check again if sooner than ``poke_s``: where the updates written in the last ``seconds``
-    (``before`` to ``state.done``) say the rest arrive within ``poke_s``, a check then (with a margin)
-    ends the wait near the last write instead of up to a whole poke interval later; else None."""
-    written = state.done - before
-    if state.finished or before < 0 or written <= 0 or seconds <= 0:
+def sooner_check_s(state: ReconcileState, now: float, poke_s: float, max_between_s: float, min_s: float = 2.0) -> Optional[float]:
+    """Seconds to the next check if sooner than ``poke_s``: where the next count is due within a poke
+    interval (:func:`next_count_at`), a check then ends the wait near the last write instead of up
+    to a whole interval later; else None."""
+    if state.finished or state.pace <= 0:
         return None
-    due = 1.2 * (state.published - state.done) / (written / seconds) + 0.5
+    due = next_count_at(state, max_between_s) - now
     return max(min_s, due) if due < poke_s else None
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.writeback import ReconcileState, sooner_check_s, update_messages
+from pipelines.writeback import ReconcileState, count_due, sooner_check_s, update_messages
 from services.consumer import PoisonMessage, parse_message, update_action
 from services.publish import message
 from trainer.predict import PREDICTIONS_FILE
@@ -64,15 +64,33 @@ def test_the_publication_is_written_and_a_message_from_before_it_clears_it():
 
 
 @pytest.mark.parametrize(
-    "done, before, expected",
+    "done, pace, since, expected",
     [
-        (33_000, 24_000, 3.8),  # 900/s, 2,500 left: due in 2.8 s, checked with a margin
-        (10_000, 1_000, None),  # 25,000 left at 900/s: the regular poke
-        (35_450, 33_000, 2.0),  # nearly done: no sooner than two seconds
-        (24_000, 24_000, None),  # no progress: the regular poke (stalls are counted on it)
-        (1_000, -1, None),  # the first check: no pace yet
+        (33_000, 900.0, 0.0, 3.8),  # 2,500 left at 900/s: due in 2.8 s, checked with a margin
+        (10_000, 900.0, 0.0, None),  # 25,500 left at 900/s: the regular poke
+        (35_450, 900.0, 0.0, 2.0),  # nearly done: no sooner than two seconds
+        (10_000, 100.0, 55.0, 5.0),  # the pace says 306 s, but a count is due 60 s after the last
+        (24_000, 0.0, 0.0, None),  # no progress: the regular poke (stalls are counted on it)
     ],
 )
-def test_the_next_check_comes_sooner_when_the_pace_says_the_rest_arrives_within_the_poke(done, before, expected):
-    sooner = sooner_check_s(ReconcileState(published=35_500, done=done), before, seconds=10.0, poke_s=10.0)
+def test_the_next_check_comes_sooner_when_the_next_count_is_due_within_the_poke(done, pace, since, expected):
+    state = ReconcileState(published=35_500, done=done, checked_at=1000.0, pace=pace)
+    sooner = sooner_check_s(state, now=1000.0 + since, poke_s=10.0, max_between_s=60.0)
     assert sooner == pytest.approx(expected, abs=0.1) if expected else sooner is None
+
+
+@pytest.mark.parametrize(
+    "done, pace, since, waiting, expected",
+    [
+        (-1, 0.0, 0.0, 50_000, True),  # the first check counts
+        (10_000, 900.0, 10.0, 20_000, False),  # the pace says the rest needs 34 s more
+        (10_000, 900.0, 34.5, 20_000, True),
+        (10_000, 900.0, 10.0, 0, True),  # the queue is empty: the rest is written or being written
+        (0, 0.0, 10.0, 40_000, False),  # no pace: more messages wait than updates remain
+        (0, 0.0, 10.0, 7_000, True),  # fewer wait than remain: ours may be done
+        (0, 0.0, 60.0, 40_000, True),  # at least one count a minute whatever the signs
+    ],
+)
+def test_a_check_counts_in_elasticsearch_only_where_the_rest_may_have_arrived(done, pace, since, waiting, expected):
+    state = ReconcileState(published=35_500 if pace else 7_580, done=done, checked_at=1000.0, pace=pace)
+    assert count_due(state, waiting, now=1000.0 + since, max_between_s=60.0) is expected

@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import time
 
 import pytest
 from elasticsearch import helpers
@@ -67,7 +68,7 @@ def test_reconciler_republishes_exactly_the_missing_updates_then_fails_naming_th
     republished = []
     with pytest.raises(NotWritten) as failed:
         for _ in range(10):
-            state = check(target, state, stall_checks=1, max_attempts=2)
+            state = check(target, state, stall_checks=1, max_attempts=2, now=time.time(), max_between_s=60.0)
             republished.append(sorted(m["id"] for m in take_all(target.rabbit, target.queue)))
     assert [r for r in republished if r] == [["2", "3", "4"], ["2", "3", "4"]]
     assert [a["republished"] for a in state.attempts] == [3, 3]
@@ -86,7 +87,7 @@ def test_reconciler_finishes_when_every_update_is_written_or_dead_lettered(es, t
         document={"id": "4", "run_id": target.run_id, "kind": "predictions", "reason": "http_400"},
         refresh=True,
     )
-    state = check(target, ReconcileState(published=5), stall_checks=1, max_attempts=1)
+    state = check(target, ReconcileState(published=5), stall_checks=1, max_attempts=1, now=time.time(), max_between_s=60.0)
     assert state.finished and state.attempts == [] and take_all(target.rabbit, target.queue) == []
 
 
@@ -97,22 +98,38 @@ def test_reconciler_finishes_without_a_scan_when_the_run_wrote_every_update(es, 
     monkeypatch.setattr("pipelines.writeback.missing_ids", scan)
     body = {"categories": [], "attributes": {}}
     apply(es, target.index, (message("predictions", str(i), target.run_id, "m", 7, body) for i in range(4)))
-    state = check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1)
+    state = check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1, now=time.time(), max_between_s=60.0)
     assert state.finished and state.counts["written_by_run"] == 4
     apply(es, target.index, [message("predictions", "3", "newer-run", "m", 8, body)])
     with pytest.raises(AssertionError, match="scanned"):  # a newer run wrote one: the ids decide
-        check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1)
+        check(target, ReconcileState(published=4), stall_checks=1, max_attempts=1, now=time.time(), max_between_s=60.0)
+
+
+def test_a_check_leaves_elasticsearch_alone_until_a_count_is_due(target, monkeypatch):
+    def progress(*_args, **_kwargs):
+        raise AssertionError("counted")
+
+    monkeypatch.setattr("pipelines.writeback.progress", progress)
+    connection = target.rabbit.connect()
+    connection.channel().basic_publish("", target.queue, b"{}")  # messages still wait
+    connection.close()
+    now = time.time()
+    state = ReconcileState(published=5, done=1, checked_at=now, pace=0.1)  # the pace says the rest needs 48 s
+    before = state.to_json()
+    assert check(target, state, stall_checks=1, max_attempts=1, now=now + 10, max_between_s=60.0).to_json() == before
+    with pytest.raises(AssertionError, match="counted"):
+        check(target, state, stall_checks=1, max_attempts=1, now=now + 50, max_between_s=60.0)
 
 
 def test_a_rerun_publication_does_not_count_the_earlier_tries_writes(es, target):
     body = {"categories": [], "attributes": {}}
     earlier, rerun = dataclasses.replace(target, publication="try1"), dataclasses.replace(target, publication="try2")
     apply(es, target.index, (dict(m, body=body) for m in earlier.messages()))  # the same run and version
-    state = check(rerun, ReconcileState(published=5), stall_checks=5, max_attempts=1)
+    state = check(rerun, ReconcileState(published=5), stall_checks=5, max_attempts=1, now=time.time(), max_between_s=60.0)
     assert not state.finished and state.counts["indexed"] == 0 and missing_ids(rerun) == {"0", "1", "2", "3", "4"}
     apply(es, target.index, [dict(m, body=body) for m in rerun.messages() if m["id"] != "4"])
     apply(es, target.index, [message("predictions", "4", "newer-run", "m", 8, body, "later")])
-    state = check(rerun, ReconcileState(published=5), stall_checks=5, max_attempts=1)
+    state = check(rerun, ReconcileState(published=5), stall_checks=5, max_attempts=1, now=time.time(), max_between_s=60.0)
     assert state.finished and state.counts["indexed"] == 5 and state.counts["written_by_run"] == 4
 
 
@@ -166,6 +183,6 @@ def test_unchanged_neighbours_are_found_and_not_waited_for(es, target, tmp_path)
         (message("neighbours", pid, target.run_id, None, target.version, {"neighbours": run[pid]}) for pid in ("1", "3", "4")),
     )
     sent = dataclasses.replace(target, unchanged=frozenset(unchanged))
-    state = check(sent, ReconcileState(published=3), stall_checks=1, max_attempts=1)
+    state = check(sent, ReconcileState(published=3), stall_checks=1, max_attempts=1, now=time.time(), max_between_s=60.0)
     assert state.finished and take_all(target.rabbit, target.queue) == []
     assert missing_ids(sent) == set() and missing_ids(target) == {"0", "2"}  # without the list they count as missing
