@@ -246,7 +246,11 @@ def check(target: Target, state: ReconcileState, stall_checks: int, max_attempts
     (:func:`count_due`); once progress has stalled for ``stall_checks`` counts with the queue empty,
     re-publishes what is missing (at most ``max_attempts`` times, then raises :class:`NotWritten` with
     the ids). Sets ``finished`` when every update is written or dead-lettered."""
-    waiting = ready_messages(target.rabbit, target.queue)
+    try:
+        waiting = ready_messages(target.rabbit, target.queue)
+    except pika.exceptions.AMQPError as e:  # the queue cannot say: Elasticsearch still can
+        log.warning("%s: could not read %s (%r); counting in Elasticsearch", target.kind, target.queue, e)
+        waiting = 0
     if not count_due(state, waiting, now, max_between_s):
         return state
     # A refresh costs the cluster (on the stand-in, seconds at 100k documents, while writes wait), so

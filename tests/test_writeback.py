@@ -5,6 +5,7 @@ import gzip
 import json
 import time
 
+import pika
 import pytest
 from elasticsearch import helpers
 
@@ -111,7 +112,9 @@ def test_a_check_leaves_elasticsearch_alone_until_a_count_is_due(target, monkeyp
 
     monkeypatch.setattr("pipelines.writeback.progress", progress)
     connection = target.rabbit.connect()
-    connection.channel().basic_publish("", target.queue, b"{}")  # messages still wait
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish("", target.queue, b"{}")  # messages still wait
     connection.close()
     now = time.time()
     state = ReconcileState(published=5, done=1, checked_at=now, pace=0.1)  # the pace says the rest needs 48 s
@@ -119,6 +122,35 @@ def test_a_check_leaves_elasticsearch_alone_until_a_count_is_due(target, monkeyp
     assert check(target, state, stall_checks=1, max_attempts=1, now=now + 10, max_between_s=60.0).to_json() == before
     with pytest.raises(AssertionError, match="counted"):
         check(target, state, stall_checks=1, max_attempts=1, now=now + 50, max_between_s=60.0)
+
+
+def test_the_pace_comes_from_two_counts_with_writes_going_on(es, target):
+    def written(*ids):
+        updates = ({"_op_type": "update", "_index": target.index, "_id": i, "doc": {"prediction_version": 7}} for i in ids)
+        helpers.bulk(es, updates, refresh=True)
+
+    written("0")
+    state = check(target, ReconcileState(published=5), stall_checks=5, max_attempts=1, now=1000.0, max_between_s=60.0)
+    assert (state.done, state.pace, state.checked_at) == (1, 0.0, 1000.0)  # one count: no pace yet
+    written("1", "2")
+    state = check(target, state, stall_checks=5, max_attempts=1, now=1004.0, max_between_s=60.0)
+    assert (state.done, state.pace, state.checked_at) == (3, 0.5, 1004.0)
+    state = check(target, state, stall_checks=5, max_attempts=1, now=1008.0, max_between_s=60.0)
+    assert (state.done, state.pace) == (3, 0.0)  # no progress: no pace
+
+
+def test_a_check_counts_when_the_queue_cannot_be_read(es, target, monkeypatch):
+    def unreadable(*_args):
+        raise pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no queue")
+
+    monkeypatch.setattr("pipelines.writeback.ready_messages", unreadable)
+    helpers.bulk(
+        es,
+        ({"_op_type": "update", "_index": target.index, "_id": str(i), "doc": {"prediction_version": 7}} for i in range(5)),
+        refresh=True,
+    )
+    state = ReconcileState(published=5, done=1, checked_at=time.time(), pace=0.01)  # the pace alone says wait
+    assert check(target, state, stall_checks=1, max_attempts=1, now=time.time(), max_between_s=60.0).finished
 
 
 def test_a_rerun_publication_does_not_count_the_earlier_tries_writes(es, target):
