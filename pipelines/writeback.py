@@ -234,8 +234,9 @@ def count_due(state: ReconcileState, waiting: int, now: float, max_between_s: fl
     stand-in it takes about a second of the CPU that writes the updates, so two sensors counting every
     few seconds halved its write rate (measured). A check therefore skips the count while messages
     wait in the queue and the rest cannot have arrived: before the pace of the writes says it has or,
-    with no pace yet, while more messages wait than updates remain. Skipping never ends a wait; it can
-    only end one later, by at most ``max_between_s``."""
+    with no pace yet, while more messages wait than updates remain (``waiting`` 0 where the queue
+    cannot be read). Skipping never ends a wait; it can only end one later, by at most
+    ``max_between_s`` plus a poke interval."""
     if state.done < 0 or waiting == 0 or now + 0.5 >= next_count_at(state, max_between_s):
         return True
     return state.pace <= 0 and waiting < state.published - state.done
