@@ -34,7 +34,7 @@ WORK = REPO / ".prodcat" / "bench-memory"
 SAMPLE_EVERY_S = 0.2
 STAGE_CODE = {
     "preprocess": "from pipelines.preprocess import preprocess; "
-    "preprocess(cfg, f'{run}/dump', f'{run}/preprocess', cache, ['--runner=DirectRunner'])",
+    "preprocess(cfg, f'{run}/dump', f'{run}/preprocess', cache, ['--runner=FnApiRunner'])",
     "train": "from trainer.train import train; train(cfg, f'{run}/preprocess', f'{run}/model', 'v1', 'bench-memory')",
 }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results_file import write_results
-from core.config import ImageInput, load_config
+from core.config import LOCAL_BEAM_RUNNER, ImageInput, load_config
 from pipelines.images import MAX_BATCH_SIZE, decode_image, load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--image-batch", type=int, default=MAX_BATCH_SIZE)
     parser.add_argument("--beam-arg", action="append", default=[])
     args = parser.parse_args()
-    beam_args = ["--runner=DirectRunner", *args.beam_arg]
+    beam_args = [f"--runner={LOCAL_BEAM_RUNNER}", *args.beam_arg]
     products, rows_per_s, beam_seconds = beam_text_rows_per_s(args.dump_dir, beam_args)
     _, mp_rows_per_s, mp_seconds = beam_text_rows_per_s(args.dump_dir, beam_args + MULTI_PROCESSING)
     sk_rows_per_s, sk_seconds = sklearn_rows_per_s(args.dump_dir)

@@ -67,6 +67,10 @@ class StringKind:
         """The name of the TFT vocabulary the input's transform writes, if any."""
         return inp.name
 
+    def left_out_when_zero(self, inp: Input) -> Tuple[str, ...]:
+        """Transformed features that a record leaves out where all their values are zero."""
+        return ()
+
     def raw_values(self, inp: Input, row: Mapping[str, Any]) -> Dict[str, Any]:
         return {inp.source: row.get(inp.source) or ""}
 
@@ -140,6 +144,10 @@ class ImageKind:
     def vocabulary(self, inp: ImageInput) -> Optional[str]:
         return None
 
+    def left_out_when_zero(self, inp: ImageInput) -> Tuple[str, ...]:
+        """The embedding, all zeros for a product without a photo."""
+        return (inp.name,)
+
     def raw_values(self, inp: ImageInput, row: Mapping[str, Any]) -> Dict[str, Any]:
         embedding = row.get("image_embedding")
         return {
@@ -181,6 +189,13 @@ def raw_inputs(cfg: FeatureConfig, row: Mapping[str, Any]) -> Dict[str, Any]:
     for inp in cfg.inputs:
         out.update(KINDS[inp.kind].raw_values(inp, row))
     return out
+
+
+def left_out_when_zero(cfg: FeatureConfig) -> Tuple[str, ...]:
+    """Transformed features that preprocessing leaves out of a record where all their values are
+    zero: a product without a photo would otherwise carry a 5 KB embedding of zeros (79% of the
+    catalogue's records). Readers parse them with zeros as the default."""
+    return tuple(name for inp in cfg.inputs for name in KINDS[inp.kind].left_out_when_zero(inp))
 
 
 def string_columns(cfg: FeatureConfig) -> List[str]:

@@ -10,6 +10,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+from core.config import LOCAL_BEAM_RUNNER
 from entrypoints.assets import PREDICTIONS_URI
 from entrypoints.tasks import RunSettings
 from services.publish import RabbitConnection
@@ -110,7 +111,7 @@ def google_cloud_credentials() -> Iterator[Optional[str]]:
 
 def beam_arguments(params: Mapping[str, Any], project: Optional[str]) -> Tuple[str, ...]:
     """Runner flag and options from the params; Dataflow gets the connection's project unless given."""
-    runner = params.get("beam_runner") or "DirectRunner"
+    runner = params.get("beam_runner") or LOCAL_BEAM_RUNNER
     options = list(params.get("beam_options") or [])
     if runner == "DataflowRunner" and project and not any(o.startswith("--project") for o in options):
         options.append(f"--project={project}")

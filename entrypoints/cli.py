@@ -109,6 +109,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
+    from core.config import LOCAL_BEAM_RUNNER
     from entrypoints import tasks
 
     settings = tasks.RunSettings(
@@ -123,7 +124,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
         rabbit=_rabbit(args),
         model_type=args.model_type,
         limit=args.limit,
-        beam_args=tuple(["--runner=DirectRunner", *args.beam_arg]),
+        beam_args=tuple([f"--runner={LOCAL_BEAM_RUNNER}", *args.beam_arg]),
     )
     print(tasks.TASKS[args.stage](settings, *args.paths))
 

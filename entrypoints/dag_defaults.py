@@ -10,7 +10,7 @@ from typing import Any, Dict
 import pendulum
 from airflow.sdk import Param
 
-from core.config import Publish
+from core.config import LOCAL_BEAM_RUNNER, Publish
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "feature_config.yaml")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -21,9 +21,9 @@ def run_params() -> Dict[str, Param]:
     new ones per DAG, as a DAG owns its params."""
     return {
         "beam_runner": Param(
-            "DirectRunner",
+            LOCAL_BEAM_RUNNER,
             type="string",
-            enum=["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
+            enum=[LOCAL_BEAM_RUNNER, "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"],
             description="Beam runner for preprocessing and neighbours.",
         ),
         "beam_options": Param([], type="array", items={"type": "string"}, description="Extra Beam flags, e.g. --project=..."),

@@ -14,7 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 from core import storage
-from core.config import FeatureConfig, load_config
+from core.config import LOCAL_BEAM_RUNNER, FeatureConfig, load_config
 from services.publish import RabbitConnection
 from services.search_index import EsConnection
 
@@ -38,7 +38,7 @@ class RunSettings:
     categories_index: str = "categories"
     es: EsConnection = EsConnection()
     rabbit: RabbitConnection = RabbitConnection()
-    beam_args: Tuple[str, ...] = ("--runner=DirectRunner",)
+    beam_args: Tuple[str, ...] = (f"--runner={LOCAL_BEAM_RUNNER}",)
     model_type: Optional[str] = None
     limit: Optional[int] = None
     categories: Tuple[str, ...] = ()

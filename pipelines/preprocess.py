@@ -10,9 +10,9 @@
 
 Two pipelines, so that every stage streams: TF Transform reads the clean rows twice (analysis,
 then transform), and a PCollection consumed after the analysis is held whole by a runner that
-keeps data between stages in memory (the DirectRunner). For the same reason the rows that needed no
+keeps data between stages in memory (Beam's FnApiRunner, the local one). For the same reason the rows that needed no
 encoder and the embedded ones are written by two writers, not merged by a ``Flatten``: the
-DirectRunner held the merged rows whole before writing them (memray at 3x the catalogue: a 512 MiB
+local runner held the merged rows whole before writing them (memray at 3x the catalogue: a 512 MiB
 input buffer and 3 x 303 MB of stage output).
 
 Bad records never stop the run: a rejected record goes to ``dead_letters/`` with its
@@ -299,14 +299,40 @@ def to_raw_example(row: Dict[str, Any], cfg: FeatureConfig) -> Dict[str, Any]:
     return example
 
 
-def encode_transformed(batch: pa.RecordBatch) -> List[bytes]:
+def without_zero_vectors(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:
+    """``batch`` with each list column of ``names`` null in the rows where all its values are zero."""
+    for name in names:
+        index = batch.schema.get_field_index(name)
+        if index < 0:
+            continue
+        column = batch.column(index)
+        values = column.flatten()
+        zero = ~values.to_numpy(zero_copy_only=False).reshape(len(column), -1).any(axis=1)
+        if zero.any():
+            offsets = column.offsets.to_numpy()
+            offsets = pa.array(offsets - offsets[0], column.offsets.type)  # a sliced batch's start at 0
+            nulled = type(column).from_arrays(offsets, values, mask=pa.array(zero))
+            batch = batch.set_column(index, batch.schema.field(index), nulled)
+    return batch
+
+
+def encode_transformed(batch: pa.RecordBatch, left_out_when_zero: Sequence[str]) -> List[bytes]:
     """TF Transform's output record batch -> serialized ``tf.Example``s: tfx_bsl's C++ encoder, then
     each re-serialized with its features in name order (the encoder's map order varies between
-    runs; a rerun must write the same bytes)."""
+    runs; a rerun must write the same bytes). A feature of ``left_out_when_zero`` is left out of
+    the records where all its values are zero (:func:`core.inputs.left_out_when_zero`)."""
     from tensorflow.core.example.example_pb2 import Example
     from tfx_bsl.coders import example_coder
 
-    return [Example.FromString(e).SerializeToString(deterministic=True) for e in example_coder.RecordBatchToExamples(batch)]
+    out = []
+    for encoded in example_coder.RecordBatchToExamples(without_zero_vectors(batch, left_out_when_zero)):
+        example = Example.FromString(encoded)
+        for name in left_out_when_zero:
+            # the encoder writes a null list as a feature without values
+            if name in example.features.feature and not example.features.feature[name].WhichOneof("kind"):
+                del example.features.feature[name]
+        out.append(example.SerializeToString(deterministic=True))
+    return out
 
 
 class EncodeBySplit(beam.DoFn):
@@ -314,11 +340,14 @@ class EncodeBySplit(beam.DoFn):
     row's serialized ``tf.Example`` (:func:`encode_transformed`, without the split) in the output
     named by its split."""
 
+    def __init__(self, left_out_when_zero: Sequence[str]):
+        self._left_out_when_zero = tuple(left_out_when_zero)
+
     def process(self, transformed: Tuple[pa.RecordBatch, Any]) -> Iterator[beam.pvalue.TaggedOutput]:
         batch, _unary_passthrough = transformed
         index = batch.schema.get_field_index(SPLIT_COLUMN)
         splits = batch.column(index).flatten().to_pylist()
-        for split, example in zip(splits, encode_transformed(batch.remove_column(index))):
+        for split, example in zip(splits, encode_transformed(batch.remove_column(index), self._left_out_when_zero)):
             yield beam.pvalue.TaggedOutput(split.decode(), example)
 
 
@@ -501,7 +530,7 @@ class TransformSplits(beam.PTransform):
             # Record batches out, encoded by tfx_bsl's C++ encoder: a dict and a Python proto
             # encode per example cost more than the transform itself.
             data, _ = ((batches, with_split), transform_fn) | "Transform" >> tft_beam.TransformDataset(output_record_batches=True)
-        encoded = data | "EncodeTransformed" >> beam.ParDo(EncodeBySplit()).with_outputs(*SPLITS)
+        encoded = data | "EncodeTransformed" >> beam.ParDo(EncodeBySplit(inputs.left_out_when_zero(self._cfg))).with_outputs(*SPLITS)
         return {
             name: encoded[name]
             | f"WriteTransformed[{name}]"

@@ -72,7 +72,8 @@ def test_without_the_connection_nothing_changes(monkeypatch):
 @pytest.mark.parametrize(
     "params,project,expected",
     [
-        ({}, "acme", ("--runner=DirectRunner",)),
+        ({}, "acme", ("--runner=FnApiRunner",)),
+        ({"beam_runner": "DirectRunner"}, "acme", ("--runner=DirectRunner",)),
         (
             {"beam_runner": "DataflowRunner", "beam_options": ["--region=europe-west1"]},
             "acme",

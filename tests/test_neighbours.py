@@ -12,7 +12,7 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from core.config import Neighbours
+from core.config import LOCAL_BEAM_RUNNER, Neighbours
 from core.taxonomy import CategoryTree
 from pipelines.neighbours import (
     AssignGroup,
@@ -162,7 +162,7 @@ def test_group_by_category_groups_embeddings_by_predicted_category_and_sets_asid
 
     rows = [row("p1", [1.0, 0.0]), row("p2", [0.0, 1.0]), row("p3", None), row("p4", [1.0, 1.0]), row("p5", [0.5, 0.5])]
     predictions = [prediction("p1", "A > A1"), prediction("p2", "A > A1"), prediction("p3", "A > A1"), prediction("p5", "A > A2")]
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         groups = {"rows": p | "Rows" >> beam.Create(rows), "predictions": p | "Predictions" >> beam.Create(predictions)} | GroupByCategory(
             TREE.to_records(), SETTINGS, "true_category"
         )
@@ -189,7 +189,7 @@ def test_search_neighbours_gives_each_usable_product_a_record_and_saves_each_gro
 
     members = [("c", [0.0, 1.0]), ("a", [1.0, 0.0]), ("b", [0.8, 0.6]), ("b0", [0.0, 0.0])]  # b0: no usable embedding
     alone = {"id": "z", "group": None, "neighbours": []}
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         groups = {"grouped": p | "Grouped" >> beam.Create([("A > A1", members)]), AssignGroup.ALONE: p | "Alone" >> beam.Create([alone])}
         records = groups | SearchNeighbours(SETTINGS, str(tmp_path / "searchers"))
         assert_that(
@@ -212,7 +212,7 @@ def test_search_neighbours_gives_each_usable_product_a_record_and_saves_each_gro
 
 def test_write_neighbours_writes_one_gzip_json_line_per_record(tmp_path):
     records = [{"id": "a", "group": "A > A1", "neighbours": [{"id": "b", "score": 0.8}]}, {"id": "z", "group": None, "neighbours": []}]
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         _ = p | beam.Create(records) | WriteNeighbours(str(tmp_path / "neighbours"))
     lines = [line for path in glob.glob(str(tmp_path / "neighbours-*.jsonl.gz")) for line in gzip.open(path, "rt").read().splitlines()]
     assert sorted(lines) == [

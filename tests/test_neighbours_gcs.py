@@ -8,7 +8,7 @@ import pytest
 from apache_beam.testing import test_pipeline
 
 from core import storage
-from core.config import Neighbours
+from core.config import LOCAL_BEAM_RUNNER, Neighbours
 from pipelines.neighbours import AssignGroup, SearchNeighbours
 
 pytestmark = pytest.mark.service
@@ -19,7 +19,7 @@ def test_search_neighbours_saves_a_loadable_group_searcher_into_a_gcs_folder(gcs
 
     members = [("a", [1.0, 0.0]), ("b", [0.8, 0.6]), ("c", [0.0, 1.0])]
     searchers = f"{gcs_bucket}/runs/r1/neighbours.tmp/searchers"
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         groups = {"grouped": p | "Grouped" >> beam.Create([("A > A1", members)]), AssignGroup.ALONE: p | "Alone" >> beam.Create([])}
         _ = groups | SearchNeighbours(Neighbours(), searchers)
     paths = storage.list_files(searchers, "**")

@@ -18,7 +18,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from core import storage
-from core.config import load_config, parse_config
+from core.config import LOCAL_BEAM_RUNNER, load_config, parse_config
 from core.taxonomy import CategoryTree
 from pipelines import images
 from pipelines.preprocess import (
@@ -80,7 +80,7 @@ BAD_LINES = [
 def test_validate_product_routes_each_bad_record_with_its_reason(cfg):
     good = json.dumps(doc("10", rule_categories=["Apparel > Topwear > Tshirts", "Not > A > Category"])).encode()
     huge = json.dumps(doc("11", title="x" * 1_000_000)).encode()
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         out = (
             p
             | beam.Create([good, huge] + [line for line, _ in BAD_LINES])
@@ -102,7 +102,7 @@ def test_validate_product_keeps_known_human_and_rule_categories_and_counts_unkno
     shirts, tshirts = "Apparel > Topwear > Shirts", "Apparel > Topwear > Tshirts"
     line = json.dumps(doc("20", rule_categories=[tshirts], human_categories=[shirts, "Not > A > Category"])).encode()
     rules_only = json.dumps(doc("21", rule_categories=[tshirts])).encode()
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         out = p | beam.Create([line, rules_only]) | beam.ParDo(ValidateProduct(cfg, TREE.to_records())).with_outputs(DEAD, main="valid")
         assert_that(
             out.valid | beam.Map(lambda r: (r["id"], tuple(r["human_categories"]), tuple(r["rule_categories"]))),
@@ -199,7 +199,7 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
     write_dump(tmp_path / "dump", lines, tree)
     cache = str(tmp_path / "cache")
 
-    first = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre1"), cache, ["--runner=DirectRunner"])
+    first = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre1"), cache, [f"--runner={LOCAL_BEAM_RUNNER}"])
     counters = first["counters"]
     assert counters["image_cache_misses"] == 6 and "image_cache_hits" not in counters
     assert counters["degraded_image_http_404"] == 1
@@ -229,10 +229,14 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
         raise AssertionError("the encoder was loaded in a run where the cache serves every image")
 
     monkeypatch.setattr(images, "load_encoder", no_encoder)
-    second = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre2"), cache, ["--runner=DirectRunner"])
+    second = preprocess(cfg, str(tmp_path / "dump"), str(tmp_path / "pre2"), cache, [f"--runner={LOCAL_BEAM_RUNNER}"])
     assert clean_ids("pre2", "embedded") == set() and clean_ids("pre2", "ready") == set(by_id)
     assert second["counters"]["image_cache_hits"] == 6 and "image_cache_misses" not in second["counters"]
     assert read_transformed(tmp_path / "pre1") == read_transformed(tmp_path / "pre2")
+    # only the records of products with a photo hold the image (the others' is all zeros)
+    files = glob.glob(str(tmp_path / "pre1/transformed/*.tfrecord.gz"))
+    records = [tf.train.Example.FromString(r.numpy()).features.feature for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    assert sorted((list(r["has_image"].int64_list.value), "image" in r) for r in records) == [([0], False)] * 4 + [([1], True)] * 6
     for name in ("title", "brand", "gender"):
         assert (tmp_path / "pre1/transform_fn/transform_fn/assets" / name).read_bytes() == (
             tmp_path / "pre2/transform_fn/transform_fn/assets" / name
@@ -243,7 +247,7 @@ def test_preprocess_bad_input_then_rerun_is_identical_with_cache_hits(cfg, tmp_p
 
 def test_write_dead_letters_writes_each_letter_as_one_sorted_json_line(tmp_path):
     letters = [{"reason": "invalid_json", "record": "{not json"}, {"record": "[1, 2]", "reason": "not_an_object"}]
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         _ = p | beam.Create(letters) | WriteDeadLetters(str(tmp_path / "dead"))
     lines = [line for path in glob.glob(str(tmp_path / "dead-*.jsonl")) for line in open(path).read().splitlines()]
     assert sorted(lines) == ['{"reason": "invalid_json", "record": "{not json"}', '{"reason": "not_an_object", "record": "[1, 2]"}']
@@ -255,7 +259,7 @@ def test_write_clean_parquet_keeps_only_the_schema_columns(tmp_path):
         {"id": "1", "has_image": 1, "image_embedding": [0.5, 1.0], "labels": [1.0], "split": "train"},
         {"id": "2", "has_image": 0, "image_embedding": None, "labels": [0.0], "split": "test"},
     ]
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         _ = p | beam.Create(rows) | WriteCleanParquet(str(tmp_path / "clean"), schema)
     table = pq.read_table(glob.glob(str(tmp_path / "clean-*.parquet")))
     assert table.schema.names == ["id", "has_image", "image_embedding"]
@@ -290,7 +294,7 @@ def test_transform_splits_reads_clean_parquet_analyses_the_train_split_only_and_
         ]
     ]
     pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "clean-00000.parquet"))
-    with test_pipeline.TestPipeline() as p, tft_beam.Context(temp_dir=str(tmp_path / "tft_tmp")):
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p, tft_beam.Context(temp_dir=str(tmp_path / "tft_tmp")):
         _ = p | TransformSplits(cfg, tree.to_records(), str(tmp_path / "clean-*.parquet"), str(tmp_path))
     output = tft.TFTransformOutput(str(tmp_path / "transform_fn"))
     # train only: red (2), then top and tee (1 each, ties by token descending); eval's "blue" and test's words are absent
@@ -311,6 +315,19 @@ def test_transform_splits_reads_clean_parquet_analyses_the_train_split_only_and_
     files = glob.glob(str(tmp_path / "transformed" / "*.tfrecord.gz"))
     records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
     assert len(records) == 4 and all(set(r.features.feature) == set(spec) for r in records)
+
+
+def test_encode_transformed_leaves_an_all_zero_image_out_of_its_record():
+    from pipelines.preprocess import encode_transformed
+
+    image = pa.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.0]], pa.large_list(pa.float32()))
+    x = pa.array([[1], [2], [3]], pa.large_list(pa.int64()))
+    batch = pa.RecordBatch.from_arrays([image, x], ["image", "x"]).slice(1)  # a slice: offsets not from 0
+    records = [tf.train.Example.FromString(e).features.feature for e in encode_transformed(batch, ["image"])]
+    assert [sorted(r) for r in records] == [["image", "x"], ["x"]]
+    assert list(records[0]["image"].float_list.value) == [0.5, 0.0] and records[1]["x"].int64_list.value == [3]
+    kept = [tf.train.Example.FromString(e).features.feature for e in encode_transformed(batch, [])]
+    assert [list(r["image"].float_list.value) for r in kept] == [[0.5, 0.0], [0.0, 0.0]]
 
 
 def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):
@@ -383,7 +400,7 @@ def test_parquet_row_groups_become_the_rows_read_from_parquet_gives_with_embeddi
     schema = pa.schema([("id", pa.string()), ("rule_categories", pa.list_(pa.string())), ("image_embedding", pa.list_(pa.float32()))])
     columns = {"id": ["1", "2", "3"], "rule_categories": [["A"], [], None], "image_embedding": [[0.5, 1.5], None, [2.0, 0.25]]}
     pq.write_table(pa.table(columns, schema), tmp_path / "clean.parquet", row_group_size=2)
-    with test_pipeline.TestPipeline() as p:
+    with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p:
         expected = p | "Read" >> beam.io.ReadFromParquet(str(tmp_path / "clean.parquet"))
         rows = p | "ReadBatched" >> beam.io.ReadFromParquetBatched(str(tmp_path / "clean.parquet")) | beam.ParDo(ToRows())
         embeddings = rows | "Embeddings" >> beam.Map(lambda r: r["image_embedding"])

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf.keras is used)
 
-from core.config import load_config
+from core import inputs
+from core.config import LOCAL_BEAM_RUNNER, load_config
 from core.taxonomy import CategoryTree
 from pipelines.preprocess import TrainingLabels
 from trainer.hierarchy import best_paths, category_entries, decide
@@ -105,7 +106,7 @@ def test_lazy_adam_updates_only_the_rows_of_a_sparse_gradient_and_matches_adam_o
 def test_extra_examples_are_always_trained_on_and_never_scored_or_relabelled(cfg):
     from types import SimpleNamespace
 
-    spec = {"x": tf.io.FixedLenFeature([1], tf.float32)}
+    spec = {"x": tf.io.FixedLenFeature([1], tf.float32), "image": tf.io.FixedLenFeature([3], tf.float32)}  # no image: zeros
     spec.update({k: tf.io.FixedLenFeature([2], tf.float32) for k in ("labels", "label_mask")})
 
     def example(x):
@@ -130,18 +131,19 @@ def test_extra_examples_are_always_trained_on_and_never_scored_or_relabelled(cfg
     assert relabelled == [(0, [1, 0, 1, 1]), (1, [1, 1, 1, 1]), (10, [0, 0, 1, 1]), (11, [0, 0, 1, 1])]
 
 
-def test_an_all_zero_image_stays_out_of_its_record_in_memory_and_is_parsed_back_as_zeros(cfg, tmp_path):
+def test_an_image_left_out_of_its_record_is_parsed_as_zeros_and_others_need_their_values(cfg, tmp_path):
     from types import SimpleNamespace
 
     spec = {"x": tf.io.FixedLenFeature([1], tf.float32), "image": tf.io.FixedLenFeature([3], tf.float32)}
     spec.update({k: tf.io.FixedLenFeature([2], tf.float32) for k in ("labels", "label_mask")})
 
     def example(x, image):
-        values = {"x": [x], "image": image, "labels": [1.0, 0.0], "label_mask": [1.0, 1.0]}
+        values = {"x": [x], "labels": [1.0, 0.0], "label_mask": [1.0, 1.0], **({"image": image} if image else {})}
         feature = {k: tf.train.Feature(float_list=tf.train.FloatList(value=v)) for k, v in values.items()}
         return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
-    images = [[0.0, 0.0, 0.0], [0.5, 0.0, -1.0], [0.0, 0.0, 0.0]]
+    # as preprocessing writes them: no image feature where the product has no photo
+    images = [None, [0.5, 0.0, -1.0], None]
     (tmp_path / "transformed").mkdir()
     with tf.io.TFRecordWriter(str(tmp_path / "transformed/train-00000-of-00001.tfrecord.gz"), options="GZIP") as writer:
         for x, image in enumerate(images):
@@ -149,13 +151,16 @@ def test_an_all_zero_image_stays_out_of_its_record_in_memory_and_is_parsed_back_
     tft_output = SimpleNamespace(transformed_feature_spec=lambda: spec)
 
     split = read_split(tft_output, str(tmp_path), "train")
-    kept = [set(tf.train.Example.FromString(r).features.feature) for r in split.records.numpy()]
-    assert kept == [{"x", "labels", "label_mask"}, {"x", "image", "labels", "label_mask"}, {"x", "labels", "label_mask"}]
     assert split.targets.tolist() == [[1, 0, 1, 1]] * 3
     no_attributes = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, attributes=()))
+    assert inputs.left_out_when_zero(no_attributes) == ("image",)
     ((batch, _),) = make_dataset(no_attributes, tft_output, split, 8, False, only_labelled=False)
-    np.testing.assert_array_equal(batch["image"].numpy(), np.asarray(images, np.float32))
+    np.testing.assert_array_equal(batch["image"].numpy(), [[0, 0, 0], [0.5, 0, -1], [0, 0, 0]])
     np.testing.assert_array_equal(batch["x"].numpy()[:, 0], [0.0, 1.0, 2.0])
+    # only the features left out when zero have a default: a record without x is an error
+    without_x = TransformedSplit(("train-0",), tf.constant([tf.train.Example().SerializeToString()]), np.ones((1, 4), np.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        list(make_dataset(no_attributes, tft_output, without_x, 8, False, only_labelled=False))
 
 
 def test_attribute_head_loss_is_zero_where_label_missing():
@@ -351,7 +356,7 @@ def trained(cfg, tmp_path_factory):
         with gzip.open(f"{tmp}/products-00000-of-00001.jsonl.gz", "wb") as f:
             f.write(b"\n".join(json.dumps(d).encode() for d in docs) + b"\n")
         storage.write_json(f"{tmp}/categories.json", TREE.to_records())
-    preprocess(small, str(root / "dump"), str(root / "pre"), str(root / "cache"), ["--runner=DirectRunner"])
+    preprocess(small, str(root / "dump"), str(root / "pre"), str(root / "cache"), [f"--runner={LOCAL_BEAM_RUNNER}"])
 
     built = []
     original = train_module.make_dataset

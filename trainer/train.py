@@ -71,70 +71,33 @@ class TransformedSplit:
         return tf.where(index < self.own, own, extra)
 
 
-def zero_vector_features(spec: Dict[str, Any]) -> List[str]:
-    """The wide dense float features of a transformed feature spec, labels excepted (the image
-    embedding): :func:`read_split` leaves one out of a record where it is all zeros."""
-    import tensorflow as tf
-
-    return sorted(
-        k
-        for k, v in spec.items()
-        if k not in (features.LABELS, features.LABEL_MASK)
-        and isinstance(v, tf.io.FixedLenFeature)
-        and v.dtype == tf.float32
-        and len(v.shape) == 1
-        and v.shape[0] > 1
-    )
-
-
-def in_memory_spec(tft_output) -> Dict[str, Any]:
-    """The transformed feature spec that the records in memory are parsed with: a feature of
-    :func:`zero_vector_features` defaults to zeros, as :func:`read_split` may have left it out."""
+def in_memory_spec(cfg: FeatureConfig, tft_output) -> Dict[str, Any]:
+    """The transformed feature spec that the records are parsed with: a feature of
+    :func:`core.inputs.left_out_when_zero`, which preprocessing leaves out of a record where it is
+    all zeros, defaults to zeros."""
     import tensorflow as tf
 
     spec = dict(tft_output.transformed_feature_spec())
-    for key in zero_vector_features(spec):
+    for key in inputs.left_out_when_zero(cfg):
         shape, dtype = spec[key].shape, spec[key].dtype
         spec[key] = tf.io.FixedLenFeature(shape, dtype, default_value=np.zeros(shape, dtype.as_numpy_dtype))
     return spec
 
 
-def without_zero_vectors(records, zero: Dict[str, np.ndarray]):
-    """``records`` (a batch of serialized examples) where each feature of ``zero`` is left out of the
-    records it marks: the image of a product without a photo is 5 KB of zeros, 79% of the catalogue."""
-    import tensorflow as tf
-    from tensorflow.core.example.example_pb2 import Example
-
-    if not any(marks.any() for marks in zero.values()):
-        return records
-    out = []
-    for i, record in enumerate(records.numpy()):
-        dropped = [key for key, marks in zero.items() if marks[i]]
-        if dropped:
-            example = Example.FromString(record)
-            for key in dropped:
-                del example.features.feature[key]
-            record = example.SerializeToString()
-        out.append(record)
-    return tf.constant(out)
-
-
 def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
     """Reads ``split``'s transformed TFRecords once: every fit and scoring pass of a training
-    run reuses them instead of decompressing the files again. An all-zero image stays out of
-    its record (:func:`without_zero_vectors`); :func:`in_memory_spec` parses it back as zeros."""
+    run reuses them instead of decompressing the files again."""
     import tensorflow as tf
 
     files = transformed_files(preprocess_dir, split)
     full = tft_output.transformed_feature_spec()
-    vectors = zero_vector_features(full)
-    spec = {k: full[k] for k in (features.LABELS, features.LABEL_MASK, *vectors)}
+    spec = {k: full[k] for k in (features.LABELS, features.LABEL_MASK)}
     width = 2 * spec[features.LABELS].shape[0]
     records, targets = [], []
     for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096):
         ex = tf.io.parse_example(batch, spec)
         targets.append(tf.concat([ex[features.LABELS], ex[features.LABEL_MASK]], axis=-1).numpy().astype(np.uint8))
-        records.append(without_zero_vectors(batch, {key: ~ex[key].numpy().any(axis=1) for key in vectors}))
+        records.append(batch)
     return TransformedSplit(
         tuple(files),
         tf.concat(records, axis=0) if records else tf.constant([], tf.string),
@@ -177,7 +140,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    spec = in_memory_spec(tft_output)
+    spec = in_memory_spec(cfg, tft_output)
     if targets is None:
         targets = split.targets
     else:
