@@ -33,8 +33,7 @@ NAME = "memory"
 WORK = REPO / ".prodcat" / "bench-memory"
 SAMPLE_EVERY_S = 0.2
 STAGE_CODE = {
-    "preprocess": "from pipelines.preprocess import preprocess; "
-    "preprocess(cfg, f'{run}/dump', f'{run}/preprocess', cache, ['--runner=FnApiRunner'])",
+    "preprocess": "from pipelines.preprocess import preprocess; preprocess(cfg, f'{run}/dump', f'{run}/preprocess', cache)",
     "train": "from trainer.train import train; train(cfg, f'{run}/preprocess', f'{run}/model', 'v1', 'bench-memory')",
 }
 

@@ -28,7 +28,8 @@ from pipelines.images import MAX_BATCH_SIZE, decode_image, load_encoder
 REPO = Path(__file__).resolve().parents[1]
 NAME = "preprocess"
 RUNTIME_KEYS = {"torch": "torch_float32", "onnxruntime": "onnxruntime"}
-MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]  # 0: one per core
+# DirectRunner: FnApiRunner named directly would not hand the options to its worker processes
+MULTI_PROCESSING = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=0"]  # 0: one per core
 
 
 def beam_text_rows_per_s(dump_dir: str, beam_args: list) -> tuple:

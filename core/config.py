@@ -24,6 +24,8 @@ TOKENISERS = ("words", "char_ngrams")
 THRESHOLD_LABELS = ("rules", "golden")
 # Beam's in-process batch runner, the local default. Beam's DirectRunner first tries its Prism runner
 # (downloading the binary from GitHub, and naming metrics differently) and falls back to this one.
+# Given by name it does not hand the pipeline options to the workers of its multi-processing mode
+# (--direct_running_mode=multi_processing): there, name DirectRunner.
 LOCAL_BEAM_RUNNER = "FnApiRunner"
 MAX_PAGE_SIZE = 10000  # Elasticsearch's default index.max_result_window caps a search's size
 UPDATE_KINDS = ("predictions", "neighbours")  # what a run writes back into Elasticsearch

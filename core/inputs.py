@@ -198,6 +198,19 @@ def left_out_when_zero(cfg: FeatureConfig) -> Tuple[str, ...]:
     return tuple(name for inp in cfg.inputs for name in KINDS[inp.kind].left_out_when_zero(inp))
 
 
+def transformed_spec(cfg: FeatureConfig, spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """The spec to parse transformed records with: TF Transform's ``spec`` where each feature of
+    :func:`left_out_when_zero` defaults to zeros."""
+    import tensorflow as tf
+
+    out = dict(spec)
+    for key in left_out_when_zero(cfg):
+        out[key] = tf.io.FixedLenFeature(
+            spec[key].shape, spec[key].dtype, default_value=np.zeros(spec[key].shape, spec[key].dtype.as_numpy_dtype)
+        )
+    return out
+
+
 def string_columns(cfg: FeatureConfig) -> List[str]:
     """The clean rows' string columns the inputs read, sorted."""
     return sorted({column for inp in cfg.inputs for column in KINDS[inp.kind].string_columns(inp)})

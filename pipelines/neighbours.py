@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from core import storage
-from core.config import Neighbours
+from core.config import LOCAL_BEAM_RUNNER, Neighbours
 from core.rows import RULE_CATEGORIES
 from core.taxonomy import CategoryTree
 from pipelines.counters import beam_counters
@@ -356,7 +356,7 @@ def compute_neighbours(
     tree = CategoryTree.from_records(storage.read_json(storage.join(preprocess_dir, "categories.json")))
     columns = ["id", "has_image", "image_embedding", RULE_CATEGORIES, ground_truth_field]
     with storage.atomic_stage(out_dir) as tmp:
-        with beam.Pipeline(options=PipelineOptions(list(beam_args or []))) as p:
+        with beam.Pipeline(options=PipelineOptions(list(beam_args or [f"--runner={LOCAL_BEAM_RUNNER}"]))) as p:
             rows = (
                 p
                 | "ReadCleanRows" >> beam.io.ReadFromParquet(storage.join(preprocess_dir, "clean", "*.parquet"), columns=columns)

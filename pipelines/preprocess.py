@@ -6,7 +6,7 @@
                                and neighbours: clean/clean-{ready,embedded}-*.parquet)
     transform pipeline: clean/*.parquet -> TransformSplits: + training labels -> TFXIO record batches
                             -> TF Transform (analyse on train) -> transformed/{train,eval,test}-*.tfrecord.gz
-                               + transform_fn/
+                               (an all-zero image left out of its record) + transform_fn/
 
 Two pipelines, so that every stage streams: TF Transform reads the clean rows twice (analysis,
 then transform), and a PCollection consumed after the analysis is held whole by a runner that
@@ -36,7 +36,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from core import features, inputs, storage
-from core.config import FeatureConfig
+from core.config import LOCAL_BEAM_RUNNER, FeatureConfig
 from core.rows import HUMAN_CATEGORIES, RULE_CATEGORIES
 from core.taxonomy import CategoryTree
 from pipelines import images
@@ -50,6 +50,11 @@ SPLITS = ("train", "eval", "test")
 # The column that carries each row's split through TF Transform (a passthrough key, hidden from the
 # preprocessing_fn), so that one transform serves every split.
 SPLIT_COLUMN = "prodcat_split"
+# TF Transform in TF 1 graph mode; the trainer's TransformFeaturesLayer loads its TF 1 transform graph.
+# In TF 2 mode it traces the preprocessing function as a tf.function for each analysis phase and each
+# graph it writes: preprocess took about 7 s longer on the full catalogue (README, Measured), with the
+# same vocabularies and byte-identical records.
+TFT_COMPAT_V1 = True
 SPLIT_FIELD = pa.field(SPLIT_COLUMN, pa.large_list(pa.large_binary()))
 DEAD = "dead"
 MAX_DEAD_RECORD_CHARS = 10_000
@@ -300,18 +305,19 @@ def to_raw_example(row: Dict[str, Any], cfg: FeatureConfig) -> Dict[str, Any]:
 
 
 def without_zero_vectors(batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:
-    """``batch`` with each list column of ``names`` null in the rows where all its values are zero."""
+    """``batch`` with each list column of ``names`` null in the rows that hold no non-zero value."""
+    import pyarrow.compute as pc
+
     for name in names:
         index = batch.schema.get_field_index(name)
         if index < 0:
             continue
         column = batch.column(index)
-        values = column.flatten()
-        zero = ~values.to_numpy(zero_copy_only=False).reshape(len(column), -1).any(axis=1)
+        rows = pc.list_parent_indices(column).to_numpy()
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        zero = np.bincount(rows[values != 0], minlength=len(column)) == 0
         if zero.any():
-            offsets = column.offsets.to_numpy()
-            offsets = pa.array(offsets - offsets[0], column.offsets.type)  # a sliced batch's start at 0
-            nulled = type(column).from_arrays(offsets, values, mask=pa.array(zero))
+            nulled = pc.if_else(pa.array(zero), pa.nulls(len(column), column.type), column)
             batch = batch.set_column(index, batch.schema.field(index), nulled)
     return batch
 
@@ -472,7 +478,10 @@ class TransformSplits(beam.PTransform):
     through it) -> ``<out_dir>/transform_fn/`` and ``<out_dir>/transformed/{train,eval,test}-*.tfrecord.gz``.
 
     The analysis and the transform each read the files: one read feeding both would be held whole
-    between them. Needs an enclosing ``tensorflow_transform.beam.Context`` (its temp dir).
+    between them. A record leaves out the features of :func:`core.inputs.left_out_when_zero` where
+    they are all zeros; parse the records with :func:`core.inputs.transformed_spec`. Needs an
+    enclosing ``tensorflow_transform.beam.Context`` (its temp dir); runs TF Transform in TF 1 graph
+    mode (:data:`TFT_COMPAT_V1`).
     """
 
     def __init__(self, cfg: FeatureConfig, tree_records: List[dict], clean_pattern: str, out_dir: str):
@@ -517,12 +526,10 @@ class TransformSplits(beam.PTransform):
         arrow_schema = source.ArrowSchema()
         adapter = source.TensorAdapterConfig()
         preprocessing_fn = features.make_preprocessing_fn(self._cfg)
-        # TF 1 graph mode, whose transform graph the trainer's TransformFeaturesLayer loads as well:
-        # TF 2 mode traced the preprocessing function as a tf.function at each analysis phase and
-        # export, and the stage took 17 s longer on the full catalogue (README, Measured) with the
-        # same vocabularies and byte-identical records.
         analysed = frozenset(
-            tft.get_analyze_input_columns(preprocessing_fn, tensor_adapter.TensorAdapter(adapter).TypeSpecs(), force_tf_compat_v1=True)
+            tft.get_analyze_input_columns(
+                preprocessing_fn, tensor_adapter.TensorAdapter(adapter).TypeSpecs(), force_tf_compat_v1=TFT_COMPAT_V1
+            )
         )
         train = self._clean_rows(pbegin, "Analysis") | "KeepTrain" >> beam.Filter(lambda r: r["split"] == "train")
         analysis_input = (self._record_batches(train, "analysis", arrow_schema, analysed), analysis_adapter(adapter, analysed))
@@ -530,7 +537,7 @@ class TransformSplits(beam.PTransform):
         # the transform graph once each and tripled the transform's stages.
         batches = self._record_batches(self._clean_rows(pbegin, "Transform"), "transform", arrow_schema, with_split=True)
         with_split = tensor_adapter.TensorAdapterConfig(arrow_schema.append(SPLIT_FIELD), adapter.tensor_representations)
-        with tft_beam.Context(force_tf_compat_v1=True):
+        with tft_beam.Context(force_tf_compat_v1=TFT_COMPAT_V1):
             transform_fn = analysis_input | "AnalyzeTrain" >> tft_beam.AnalyzeDataset(preprocessing_fn)
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(storage.join(self._out_dir, "transform_fn"))
             with tft_beam.Context(passthrough_keys={SPLIT_COLUMN}):
@@ -563,7 +570,7 @@ def preprocess(
     parquet_schema = clean_parquet_schema(cfg, [a.source for a in cfg.labels.attributes])
     with storage.atomic_stage(out_dir) as tmp:
         clean_prefix = storage.join(tmp, "clean", "clean")
-        options = PipelineOptions(list(beam_args or []))
+        options = PipelineOptions(list(beam_args or [f"--runner={LOCAL_BEAM_RUNNER}"]))
         with beam.Pipeline(options=options) as clean:
             lines = clean | "ReadDump" >> beam.io.ReadFromText(storage.join(dump_dir, "products-*.jsonl.gz"), coder=BytesCoder())
             validated = lines | "ValidateProducts" >> beam.ParDo(ValidateProduct(cfg, tree.to_records())).with_outputs(DEAD, main="valid")

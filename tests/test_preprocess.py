@@ -272,6 +272,7 @@ def test_write_clean_parquet_keeps_only_the_schema_columns(tmp_path):
 def test_transform_splits_reads_clean_parquet_analyses_the_train_split_only_and_writes_every_split(tmp_path):
     import tensorflow_transform as tft
     import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.saved import saved_transform_io
 
     cfg = parse_config(
         {
@@ -297,6 +298,7 @@ def test_transform_splits_reads_clean_parquet_analyses_the_train_split_only_and_
     with test_pipeline.TestPipeline(runner=LOCAL_BEAM_RUNNER) as p, tft_beam.Context(temp_dir=str(tmp_path / "tft_tmp")):
         _ = p | TransformSplits(cfg, tree.to_records(), str(tmp_path / "clean-*.parquet"), str(tmp_path))
     output = tft.TFTransformOutput(str(tmp_path / "transform_fn"))
+    assert saved_transform_io.exported_as_v1(output.transform_savedmodel_dir)  # TF 1 graph mode (TFT_COMPAT_V1)
     # train only: red (2), then top and tee (1 each, ties by token descending); eval's "blue" and test's words are absent
     assert output.vocabulary_by_name("title") == [b"red", b"top", b"tee"]
     assert output.vocabulary_by_name("gender") == [b"women", b"men"]
@@ -328,6 +330,18 @@ def test_encode_transformed_leaves_an_all_zero_image_out_of_its_record():
     assert list(records[0]["image"].float_list.value) == [0.5, 0.0] and records[1]["x"].int64_list.value == [3]
     kept = [tf.train.Example.FromString(e).features.feature for e in encode_transformed(batch, [])]
     assert [list(r["image"].float_list.value) for r in kept] == [[0.5, 0.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("list_type", [pa.large_list(pa.float32()), pa.list_(pa.float32()), pa.list_(pa.float32(), 2)])
+def test_without_zero_vectors_nulls_the_rows_with_no_non_zero_value_whatever_the_list_type(list_type):
+    from pipelines.preprocess import without_zero_vectors
+
+    image = pa.array([[1.0, 1.0], [0.0, 0.0], [0.0, 3.0], [0.0, 0.0]], list_type)
+    batch = pa.RecordBatch.from_arrays([image, pa.array([1, 2, 3, 4])], ["image", "x"]).slice(1)
+    out = without_zero_vectors(batch, ["image", "absent"])
+    assert out.column(0).type == list_type and out.column(0).to_pylist() == [None, [0.0, 3.0], None]
+    assert out.column(1).to_pylist() == [2, 3, 4]
+    assert without_zero_vectors(batch.slice(0, 0), ["image"]).num_rows == 0
 
 
 def test_raw_record_batch_holds_what_a_tf_example_of_each_row_holds(cfg):

@@ -71,19 +71,6 @@ class TransformedSplit:
         return tf.where(index < self.own, own, extra)
 
 
-def in_memory_spec(cfg: FeatureConfig, tft_output) -> Dict[str, Any]:
-    """The transformed feature spec that the records are parsed with: a feature of
-    :func:`core.inputs.left_out_when_zero`, which preprocessing leaves out of a record where it is
-    all zeros, defaults to zeros."""
-    import tensorflow as tf
-
-    spec = dict(tft_output.transformed_feature_spec())
-    for key in inputs.left_out_when_zero(cfg):
-        shape, dtype = spec[key].shape, spec[key].dtype
-        spec[key] = tf.io.FixedLenFeature(shape, dtype, default_value=np.zeros(shape, dtype.as_numpy_dtype))
-    return spec
-
-
 def read_split(tft_output, preprocess_dir: str, split: str) -> TransformedSplit:
     """Reads ``split``'s transformed TFRecords once: every fit and scoring pass of a training
     run reuses them instead of decompressing the files again."""
@@ -140,7 +127,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    spec = in_memory_spec(cfg, tft_output)
+    spec = inputs.transformed_spec(cfg, tft_output.transformed_feature_spec())
     if targets is None:
         targets = split.targets
     else:
