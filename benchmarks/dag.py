@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import shutil
 import sqlite3
@@ -27,17 +28,20 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import psutil
 
 from benchmarks.publish import PrivateStandIn
 from benchmarks.results_file import write_results
 from benchmarks.scaled_catalogue import write_scaled_catalogue
-from core.storage import SUCCESS
+from core.storage import SUCCESS, read_json
 from entrypoints.cli import airflow_env, latest_run
+from pipelines.writeback import update_messages
+from services.consumer import ConsumerSettings, update_action
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "dag"
@@ -48,33 +52,59 @@ RUN_AFTER = "2026-11-22T00:00:00+00:00"
 DAGS = {"prodcat_categorise": "categorise", "prodcat_visual_neighbours": "visual_neighbours"}
 SAMPLE_EVERY_S = 0.5
 TARGETS = {"cold_s": 300, "warm_s": 150}
+PRODUCTS_INDEX = "products"  # where the DAG runs write (RunSettings' default)
+ALONE_UPDATES = 5000
 
 
-class RssSampler:
-    """Samples ``(time.time(), RSS bytes)`` of a process and its descendants in a thread."""
+class Sampler:
+    """Samples ``(time.time(), measure())`` every ``every_s`` in a thread; a measure of None is skipped."""
 
-    def __init__(self, pid: int, every_s: float):
-        self._process = psutil.Process(pid)
+    def __init__(self, measure: Callable[[], Optional[float]], every_s: float):
+        self._measure = measure
         self._every_s = every_s
         self._stop = threading.Event()
-        self.samples: List[Tuple[float, int]] = []
+        self.samples: List[Tuple[float, float]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = 0
-            with contextlib.suppress(psutil.Error):
-                for p in [self._process, *self._process.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        rss += p.memory_info().rss
-            if rss:
-                self.samples.append((time.time(), rss))
+            value = self._measure()
+            if value is not None:
+                self.samples.append((time.time(), value))
             self._stop.wait(self._every_s)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def tree_rss(pid: int) -> Callable[[], Optional[int]]:
+    """A measure of the RSS bytes of process ``pid`` and its descendants (None once none is left)."""
+    process = psutil.Process(pid)
+
+    def measure() -> Optional[int]:
+        rss = 0
+        with contextlib.suppress(psutil.Error):
+            for p in [process, *process.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+        return rss or None
+
+    return measure
+
+
+def cpu_seconds(process: psutil.Process) -> Callable[[], Optional[float]]:
+    """A measure of ``process``' user + system CPU seconds so far (None once it has gone)."""
+
+    def measure() -> Optional[float]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            return None
+        return times.user + times.system
+
+    return measure
 
 
 def task_ends(airflow_home: Path, dag_id: str) -> List[Tuple[str, str, float, float]]:
@@ -110,6 +140,41 @@ def stage_figures(tasks: List[Tuple[str, str, float, float]], samples: List[Tupl
     return out
 
 
+def write_back_figures(
+    tasks: Dict[str, List[Tuple[str, str, float, float]]], stand_in_cpu: List[Tuple[float, float]], updates: int
+) -> dict:
+    """The write-back's span, from categorisation's publish start to the last ``wait_indexed`` end
+    (``tasks`` by DAG prefix), with the ``updates`` both publishes sent in it, and the stand-in's CPU
+    seconds over the span (from its samples: the last at or before the start, the first at or after
+    the end)."""
+    start = next(begin for task, _, begin, _ in tasks["categorise"] if task == "publish")
+    end = max(finish for rows in tasks.values() for task, _, _, finish in rows if task == "wait_indexed")
+    before = [cpu for t, cpu in stand_in_cpu if t <= start]
+    after = [cpu for t, cpu in stand_in_cpu if t >= end]
+    seconds = end - start
+    figures = {"updates": updates, "seconds": round(seconds, 1), "updates_per_s": round(updates / seconds)}
+    if before and after:
+        figures["stand_in_cpu_s"] = round(after[0] - before[-1], 1)
+    return figures
+
+
+def stand_in_alone(es, predict_dir: Path, publish_summary: dict, count: int, bulk_size: int) -> dict:
+    """The stand-in on its own, right after a run: ``count`` of the run's prediction updates sent
+    again straight to it in bulk requests of ``bulk_size``, one version newer, so each is written."""
+    messages = itertools.islice(
+        update_messages("predictions", str(predict_dir), publish_summary["run_id"], publish_summary["version"] + 1, uuid.uuid4().hex),
+        count,
+    )
+    operations = [part for msg in messages for part in update_action(PRODUCTS_INDEX, msg)]
+    started = time.perf_counter()
+    for i in range(0, len(operations), 2 * bulk_size):
+        response = es.bulk(operations=operations[i : i + 2 * bulk_size])
+        if response["errors"]:
+            raise RuntimeError(f"the stand-in refused an update: {next(item for item in response['items'] if 'error' in item['update'])}")
+    seconds = time.perf_counter() - started
+    return {"updates": len(operations) // 2, "seconds": round(seconds, 1), "updates_per_s": round(len(operations) // 2 / seconds)}
+
+
 class DagTest:
     """One ``airflow dags test`` process, its RSS sampled."""
 
@@ -118,7 +183,7 @@ class DagTest:
         self.proc = subprocess.Popen(
             [airflow, "dags", "test", dag_id, RUN_AFTER, "--conf", json.dumps(conf)], env=env, stdout=log, stderr=log
         )
-        self.sampler = RssSampler(self.proc.pid, SAMPLE_EVERY_S)
+        self.sampler = Sampler(tree_rss(self.proc.pid), SAMPLE_EVERY_S)
 
     def wait(self) -> None:
         code = self.proc.wait()
@@ -193,6 +258,7 @@ def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, la
         for env in envs.values():
             subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=log, stderr=log)
         consumer = subprocess.Popen([*cli, "consume"], cwd=REPO, stdout=log, stderr=log)
+        stand_in_cpu = Sampler(cpu_seconds(stand_in.process()), SAMPLE_EVERY_S)
         print(f"{label}: {products} products seeded; running the DAGs (log: {log_path})", flush=True)
         started = time.perf_counter()
         dags: List[DagTest] = []
@@ -215,13 +281,25 @@ def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, la
                     dag.proc.terminate()
             consumer.terminate()
             consumer.wait(timeout=120)
+            stand_in_cpu.stop()
+    tasks = {DAGS[dag.dag_id]: task_ends(run / f"airflow-{DAGS[dag.dag_id]}", dag.dag_id) for dag in dags}
     stages: Dict[str, dict] = {}
     for dag in dags:
-        stages.update(stage_figures(task_ends(run / f"airflow-{DAGS[dag.dag_id]}", dag.dag_id), dag.sampler.samples, DAGS[dag.dag_id]))
+        stages.update(stage_figures(tasks[DAGS[dag.dag_id]], dag.sampler.samples, DAGS[dag.dag_id]))
     for name, figures in stages.items():
         print(f"  {name:<36} {figures['seconds']:7.1f} s  {figures['peak_rss_mb']} MB", flush=True)
-    print(f"{label}: {wall:.0f} s; the neighbours DAG started at {neighbours_started:.0f} s", flush=True)
-    return {"products": products, "wall_s": round(wall, 1), "neighbours_dag_started_s": round(neighbours_started, 1), "stages": stages}
+    published = {short: read_json(str(latest_run(data_root, dag_id) / "publish" / "summary.json")) for dag_id, short in DAGS.items()}
+    write_back = write_back_figures(tasks, stand_in_cpu.samples, sum(p["sent"] for p in published.values()))
+    bulk_size = ConsumerSettings().bulk_size
+    write_back["stand_in_alone"] = stand_in_alone(stand_in.client(), predict_dir, published["categorise"], ALONE_UPDATES, bulk_size)
+    print(f"{label}: {wall:.0f} s; the neighbours DAG started at {neighbours_started:.0f} s; write-back {write_back}", flush=True)
+    return {
+        "products": products,
+        "wall_s": round(wall, 1),
+        "neighbours_dag_started_s": round(neighbours_started, 1),
+        "stages": stages,
+        "write_back": write_back,
+    }
 
 
 def main() -> None:
@@ -250,6 +328,7 @@ def main() -> None:
             "warm_stages": {name: f["seconds"] for name, f in warm["stages"].items()},
             "peak_rss_mb": {name: f["peak_rss_mb"] for name, f in warm["stages"].items()},
             "neighbours_dag_started_s": {"cold": cold["neighbours_dag_started_s"], "warm": warm["neighbours_dag_started_s"]},
+            "write_back": {"cold": cold["write_back"], "warm": warm["write_back"]},
             "measured": (
                 "wall: both `airflow dags test` runs, DAG parsing included, seeding and Airflow's db migrate not; "
                 + (
@@ -262,7 +341,11 @@ def main() -> None:
                 "from its start); "
                 f"peak_rss_mb: the `airflow dags test` process tree (tasks run in it, so a stage's peak includes "
                 f"what earlier stages of the DAG left allocated), sampled every {SAMPLE_EVERY_S} s; "
-                "peak_rss_mb at 1x is the warm run's, the growth run's like"
+                "peak_rss_mb at 1x is the warm run's, the growth run's like; "
+                "write_back: from categorisation's publish start to the last wait_indexed end, the updates both "
+                "publishes sent, and the stand-in's CPU seconds in that span; stand_in_alone: after the run, "
+                f"{ALONE_UPDATES:,} of its prediction updates sent again straight to the stand-in, one version newer, "
+                "in the consumer's bulk size (the machine's stretch, for comparing runs)"
             ),
         }
         # written now and again with the growth run: what an interrupted growth run leaves is still measured
@@ -280,6 +363,7 @@ def main() -> None:
                 "wall_s": scaled["wall_s"],
                 "neighbours_dag_started_s": scaled["neighbours_dag_started_s"],
                 "stages": scaled["stages"],
+                "write_back": scaled["write_back"],
                 "images_reused_through_cache": True,
                 "note": "copies' titles shuffled with one misspelling, new ids; their images are the originals' "
                 "(symlinks), served by the embedding cache the 1x runs filled, so compare with warm_stages",

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.dag import RssSampler
+from benchmarks.dag import Sampler, tree_rss
 from benchmarks.results_file import write_results
 from benchmarks.scaled_catalogue import write_scaled_catalogue
 from core import storage
@@ -65,7 +65,7 @@ def measured_stage(stage: str, run: Path, cache: Path) -> dict:
     )
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sampler = RssSampler(child.pid, SAMPLE_EVERY_S)
+    sampler = Sampler(tree_rss(child.pid), SAMPLE_EVERY_S)
     _, err = child.communicate()
     sampler.stop()
     if child.returncode:

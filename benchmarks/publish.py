@@ -99,14 +99,18 @@ class PrivateStandIn:
     def client(self) -> Elasticsearch:
         return EsConnection(url=self.url).client()
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the running stand-in process so far."""
+    def process(self) -> psutil.Process:
+        """The running stand-in's server process."""
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = proc.info["cmdline"] or []
             if "start" in cmdline and str(self.data) in cmdline:
-                times = proc.cpu_times()
-                return times.user + times.system
+                return proc
         raise RuntimeError(f"no stand-in process serves {self.data}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the running stand-in process so far."""
+        times = self.process().cpu_times()
+        return times.user + times.system
 
     def reset(self) -> None:
         """Restarts the stand-in empty."""
