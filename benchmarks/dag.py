@@ -38,10 +38,11 @@ import psutil
 from benchmarks.publish import PrivateStandIn
 from benchmarks.results_file import write_results
 from benchmarks.scaled_catalogue import write_scaled_catalogue
+from core.config import load_config
 from core.storage import SUCCESS, read_json
 from entrypoints.cli import airflow_env, latest_run
 from pipelines.writeback import update_messages
-from services.consumer import ConsumerSettings, update_action
+from services.consumer import update_action
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "dag"
@@ -290,7 +291,7 @@ def measured_run(catalogue: Path, stand_in: PrivateStandIn, keep_cache: bool, la
         print(f"  {name:<36} {figures['seconds']:7.1f} s  {figures['peak_rss_mb']} MB", flush=True)
     published = {short: read_json(str(latest_run(data_root, dag_id) / "publish" / "summary.json")) for dag_id, short in DAGS.items()}
     write_back = write_back_figures(tasks, stand_in_cpu.samples, sum(p["sent"] for p in published.values()))
-    bulk_size = ConsumerSettings().bulk_size
+    bulk_size = load_config(str(REPO / "feature_config.yaml")).publish.consumer_bulk_size
     write_back["stand_in_alone"] = stand_in_alone(stand_in.client(), predict_dir, published["categorise"], ALONE_UPDATES, bulk_size)
     print(f"{label}: {wall:.0f} s; the neighbours DAG started at {neighbours_started:.0f} s; write-back {write_back}", flush=True)
     return {
