@@ -124,6 +124,36 @@ def test_a_check_leaves_elasticsearch_alone_until_a_count_is_due(target, monkeyp
         check(target, state, stall_checks=1, max_attempts=1, now=now + 50, max_between_s=60.0)
 
 
+@pytest.mark.parametrize(
+    "waiting, pace, refreshes",
+    [
+        (True, 0.0, [False]),  # this kind's messages wait their turn: a stale count changes nothing
+        (True, 0.5, [False, True]),  # its writes were going on: the count may be stale
+        (False, 0.0, [False, True]),  # the queue is empty: a stall may be called
+    ],
+)
+def test_a_count_without_progress_is_refreshed_only_where_it_matters(target, monkeypatch, waiting, pace, refreshes):
+    from pipelines import writeback
+
+    seen = []
+
+    def progress(t, refresh=True):
+        seen.append(refresh)
+        return real(t, refresh)
+
+    real = writeback.progress
+    monkeypatch.setattr("pipelines.writeback.progress", progress)
+    if waiting:
+        connection = target.rabbit.connect()
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", target.queue, b"{}")
+        connection.close()
+    state = ReconcileState(published=5, done=0, checked_at=1000.0, pace=pace)
+    state = check(target, state, stall_checks=5, max_attempts=1, now=1100.0, max_between_s=60.0)
+    assert seen == refreshes and (state.done, state.unchanged_checks) == (0, 1)
+
+
 def test_the_pace_comes_from_two_counts_with_writes_going_on(es, target):
     def written(*ids):
         updates = ({"_op_type": "update", "_index": target.index, "_id": i, "doc": {"prediction_version": 7}} for i in ids)
