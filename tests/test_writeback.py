@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import logging
 import time
 
 import pika
@@ -152,6 +153,23 @@ def test_a_count_without_progress_is_refreshed_only_where_it_matters(target, mon
     state = ReconcileState(published=5, done=0, checked_at=1000.0, pace=pace)
     state = check(target, state, stall_checks=5, max_attempts=1, now=1100.0, max_between_s=60.0)
     assert seen == refreshes and (state.done, state.unchanged_checks) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "waiting_before, level, says",
+    [(5, logging.INFO, "4 taken since the last count"), (1, logging.WARNING, "is the consumer running?")],
+)
+def test_no_progress_while_the_queue_drains_is_no_warning(target, caplog, waiting_before, level, says):
+    connection = target.rabbit.connect()
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish("", target.queue, b"{}")  # one message waits
+    connection.close()
+    state = ReconcileState(published=5, done=0, checked_at=1000.0, unchanged_checks=2, waiting=waiting_before)
+    with caplog.at_level(logging.INFO, logger="pipelines.writeback"):
+        state = check(target, state, stall_checks=3, max_attempts=1, now=1100.0, max_between_s=60.0)
+    (record,) = [r for r in caplog.records if "no progress" in r.getMessage()]
+    assert (record.levelno, state.waiting, state.unchanged_checks) == (level, 1, 3) and says in record.getMessage()
 
 
 def test_the_pace_comes_from_two_counts_with_writes_going_on(es, target):
